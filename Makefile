@@ -1,0 +1,60 @@
+# baton — every target creates what it needs (venv, stubs) and leaves a stamp, so a second run is quick.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+PROTOS := $(wildcard proto/baton/v1/*.proto)
+STUBS  := baton/v1/.generated
+
+export CI ?=
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help setup proto test unit integration demo bench lint fmt clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMPS)/base: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet --editable '.[dev]'
+	@mkdir -p $(STAMPS) && touch $@
+
+setup: $(STAMPS)/base $(STUBS)  ## create .venv, install baton and generate the gRPC stubs
+
+# Stubs are generated, never committed: proto/baton/v1/x.proto -> baton/v1/x_pb2.py (+ .pyi, _grpc.py).
+$(STUBS): $(PROTOS) $(STAMPS)/base
+	rm -rf baton/v1 && mkdir -p baton/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch baton/v1/__init__.py $@
+
+proto: $(STUBS)  ## regenerate the gRPC stubs from proto/
+
+lint: setup  ## ruff (lint and format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: setup  ## format the code
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint  ## the whole test suite (unit + integration with real processes), as CI runs it
+	$(PY) -m pytest -q
+
+unit: setup  ## unit tests only
+	$(PY) -m pytest -q tests/unit
+
+integration: setup  ## integration tests only (real processes on loopback)
+	$(PY) -m pytest -q tests/integration
+
+demo: setup  ## the main job: for now, a GPU-lease handover between two holders, live in the terminal
+	$(VENV)/bin/baton demo
+
+bench: setup  ## benchmarks, printed as tables of ratios against baselines measured in the same run
+	$(PY) benchmarks/bench_lease.py
+
+clean:  ## remove the venv, stubs and local state
+	rm -rf $(VENV) baton/v1 var .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The small runtime every baton service shares: settings, logging, errors, the gRPC bootstrap and metrics."""
