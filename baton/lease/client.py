@@ -268,7 +268,8 @@ class Lease:
         while not self.released and not self.lost.is_set():
             try:
                 assert self._call is not None
-                async for event in self._call:
+                # read(), not `async for`: grpc.aio forbids mixing the two on one call, and acquire() used read().
+                while (event := await self._call.read()) is not grpc.aio.EOF:
                     attempt = 0
                     if not self._on_event(event):
                         return
@@ -277,6 +278,10 @@ class Lease:
                 if error.code() not in _RETRYABLE:
                     self._mark_lost(f"{error.code().name}: {error.details()}")
                     return
+            except Exception as error:  # a bug here must stop GPU work, not leave a silently dead follower
+                log.exception("lease stream follower failed")
+                self._mark_lost(f"client error: {error!r}")
+                return
             await asyncio.sleep(_RECONNECT_BACKOFF_S[min(attempt, len(_RECONNECT_BACKOFF_S) - 1)])
             attempt += 1
             await self._reattach()

@@ -367,7 +367,7 @@ class LeaseScheduler:
         if not candidates or not self._fits(head.spec, untouchable):
             return  # preempting everyone allowed would still not make room: wait for releases instead
         remaining = list(staying)
-        for holder in sorted(candidates, key=lambda h: (h.spec.priority, -h.granted_at)):
+        for holder in sorted(candidates, key=lambda h: (h.spec.priority, -h.ref.epoch)):
             if self._fits(head.spec, remaining):
                 break
             remaining.remove(holder)
