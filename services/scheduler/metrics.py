@@ -22,9 +22,7 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.holders = Gauge("baton_lease_holders", "Leases held now, by kind.", ["kind"], registry=registry)
         self.queue_length = Gauge("baton_lease_queue_length", "Requests waiting for the GPU.", registry=registry)
-        self.vram_capacity = Gauge(
-            "baton_lease_vram_capacity_bytes", "VRAM to hand out.", registry=registry
-        )
+        self.vram_capacity = Gauge("baton_lease_vram_capacity_bytes", "VRAM to hand out.", registry=registry)
         self.vram_used = Gauge("baton_lease_vram_used_bytes", "VRAM granted to holders now.", registry=registry)
         self.epoch = Gauge("baton_lease_epoch", "Newest fencing epoch granted.", registry=registry)
         self.grants = Counter("baton_lease_grants", "Leases granted.", ["kind"], registry=registry)
