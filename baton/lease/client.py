@@ -207,17 +207,18 @@ class Lease:
         if self.released:
             return
         self.released = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         try:
+            # Release first: the scheduler then ends our stream with RELEASED, rather than seeing it cancelled.
             if self.ref is not None and not self.lost.is_set():
                 await self.client.release(self.ref)
         except FailedPrecondition:
             pass  # already gone: revoked or expired while we were finishing
         finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             if self._call is not None:
                 self._call.cancel()
             log_event(log, "lease.client_released", holder=self.request.holder_id, epoch=self.epoch)

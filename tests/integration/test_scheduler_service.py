@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
@@ -63,6 +64,13 @@ async def wait_until(predicate, timeout_s: float, interval_s: float = 0.02) -> f
     raise AssertionError(f"condition not met within {timeout_s} s")
 
 
+async def scrape_metrics(port: int) -> str:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+        response.raise_for_status()
+        return response.text
+
+
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
@@ -111,10 +119,8 @@ async def test_never_two_exclusive_holders_under_20_hammering_clients(scheduler:
                 lease = await lease_client.acquire(request)
                 on_grant(request)
                 hold_s = rng.uniform(0, 0.004)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lease.yield_requested.wait(), hold_s)
-                except TimeoutError:
-                    pass
                 lease.check()
                 del active[request.holder_id]  # before Release is sent: the next grant can only follow it
                 await lease.release()
@@ -204,7 +210,7 @@ async def test_holder_ignoring_yield_is_revoked_and_fenced(client: LeaseClient, 
     assert await serving.validate() == serving.epoch
     await serving.release()
     await stubborn.release()  # harmless on a lost lease
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler.metrics_port}/metrics").read().decode()
+    metrics = await scrape_metrics(scheduler.metrics_port)
     assert 'baton_lease_revocations_total{kind="training",reason="missed_yield_deadline"} 1.0' in metrics
 
 
@@ -333,7 +339,7 @@ async def test_health_reflection_metrics_and_graceful_stop(scheduler: SchedulerH
         async with LeaseClient(scheduler.target) as lease_client:
             lease = await lease_client.acquire(LeaseRequest("m", LeaseKind.EMBEDDING_BULK, vram_bytes=2 * GIB))
             await lease.release()
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler.metrics_port}/metrics").read().decode()
+    metrics = await scrape_metrics(scheduler.metrics_port)
     for name in (
         'baton_lease_grants_total{kind="embedding_bulk"} 1.0',
         'baton_lease_holders{kind="serving"} 0.0',

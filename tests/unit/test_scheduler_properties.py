@@ -9,6 +9,7 @@ Invariants checked after every step:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -73,10 +74,8 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         holder = data.draw(st.sampled_from(sorted(self.refs)))
-        try:
+        with contextlib.suppress(FailedPrecondition):
             self.sched.release(self.refs[holder])
-        except FailedPrecondition:
-            pass
         self._pump()
 
     @precondition(lambda self: self.refs)

@@ -1,0 +1,103 @@
+"""``baton``: the user's first touch. Subcommands are thin: they call a service or a library and print.
+
+Grows with each capability (ingest, train, chat, plan, cycle, eval); ``baton --help`` lists what exists now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+
+SERVICES: dict[str, str] = {"scheduler": "services.scheduler.__main__"}
+
+EPILOG = """\
+examples:
+  baton demo                              watch the GPU lease hand the GPU from training to serving and back
+  baton serve scheduler --grpc-port 50060 run the GPU-lease scheduler (flags: baton serve scheduler --help)
+  baton gpu                               who holds the GPU now, who waits, and their ETAs
+
+environment:
+  BATON_HOME            state directory shared by all services (default ./var)
+  BATON_SCHEDULER_ADDR  where `baton gpu` finds the scheduler (default 127.0.0.1:50060)
+"""
+
+
+def _serve(args: argparse.Namespace) -> None:
+    module = __import__(SERVICES[args.service], fromlist=["main"])
+    module.main(args.service_args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from baton.demo import run_demo
+
+    run_demo()
+
+
+def _gpu(args: argparse.Namespace) -> None:
+    from baton.lease import LeaseClient, LeaseKind
+    from baton.runtime.errors import BatonError
+
+    async def show() -> None:
+        async with LeaseClient(args.scheduler) as client:
+            state = await client.gpu_state()
+        gib = 1 << 30
+        print(f"GPU: {state.capacity_bytes / gib:.0f} GiB ({state.capacity_source}), "
+              f"{state.used_bytes / gib:.1f} GiB granted, newest epoch {state.epoch}")  # fmt: skip
+        print(f"{'':2}{'holder':<28}{'kind':<16}{'prio':>5}{'GiB':>7}{'epoch':>7}{'held s':>9}  flags")
+        for h in state.holders:
+            named = {"exclusive": h.exclusive, "preemptible": h.preemptible}
+            named |= {"YIELDING": h.yield_requested, "awaiting-reclaim": h.awaiting_reclaim}
+            flags = ",".join(name for name, on in named.items() if on)
+            kind = LeaseKind(h.kind).label
+            print(f"  {h.holder_id:<28}{kind:<16}{h.priority:>5}{h.vram_bytes / gib:>7.1f}{h.lease.epoch:>7}"
+                  f"{h.held_s:>9.1f}  {flags}")  # fmt: skip
+        for w in state.waiters:
+            print(f"  #{w.position} {w.holder_id:<25}{LeaseKind(w.kind).label:<16}{w.priority:>5}"
+                  f"{w.vram_bytes / gib:>7.1f}{'':>7}{w.waited_s:>9.1f}  ETA {w.eta_s:.0f} s")  # fmt: skip
+        if not state.holders and not state.waiters:
+            print("  (the GPU is free)")
+
+    try:
+        asyncio.run(show())
+    except BatonError as error:
+        sys.exit(f"baton gpu: {error.message} — is the scheduler running at {args.scheduler}? (baton serve scheduler)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baton",
+        description="baton: one GPU, your texts — RAG memory, QLoRA views, LoRA serving, and the GPU lease.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run one service in the foreground", add_help=True)
+    serve.add_argument("service", choices=sorted(SERVICES), help="which service")
+    serve.add_argument("service_args", nargs=argparse.REMAINDER, help="its flags (see baton serve SERVICE --help)")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")
+    demo.set_defaults(run=_demo)
+
+    gpu = commands.add_parser("gpu", help="show the GPU lease: holder, queue, ETAs")
+    gpu.add_argument(
+        "--scheduler",
+        default=os.environ.get("BATON_SCHEDULER_ADDR", "127.0.0.1:50060"),
+        help="scheduler address host:port [env BATON_SCHEDULER_ADDR]",
+    )
+    gpu.set_defaults(run=_gpu)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

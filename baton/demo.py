@@ -1,0 +1,135 @@
+"""``baton demo``: the GPU lease at work, live in the terminal.
+
+A real scheduler process hands one (virtual, on a CPU machine) GPU between two real holders over gRPC:
+a preemptible training job is running when a chat arrives; the scheduler asks training to yield, training
+checkpoints and releases, serving gets the GPU, answers, goes idle and releases, and training resumes from its
+checkpoint. The workloads are simulated (sleeps); the scheduling, the epochs and the timings are real.
+Later issues replace the simulated workloads with the real trainer and inference services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from baton.lease import LeaseClient, LeaseKind, LeaseRequest
+from baton.runtime.process import ServiceProcess, free_port
+
+GIB = 1 << 30
+
+
+@dataclass
+class Timeline:
+    start: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def say(self, who: str, what: str) -> None:
+        print(f"  {time.monotonic() - self.start:7.3f} s  {who:<14} {what}", flush=True)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic()
+
+    def between(self, first: str, second: str) -> float:
+        return self.marks[second] - self.marks[first]
+
+
+async def _training(client: LeaseClient, timeline: Timeline, resumed: asyncio.Event, total_steps: int) -> None:
+    request = LeaseRequest(
+        "trainer/demo-job",
+        LeaseKind.TRAINING,
+        vram_bytes=60 * GIB,
+        priority=0,
+        preemptible=True,
+        expected_duration_s=total_steps * 0.1,
+        description="QLoRA (simulated steps)",
+    )
+    step = 0
+    while step < total_steps:
+        lease = await client.acquire(request, on_queued=lambda pos, eta: timeline.say("training", f"queued #{pos}"))
+        timeline.say("training", f"GRANTED epoch {lease.epoch}; {'resuming at' if step else 'starting'} step {step}")
+        if step:
+            resumed.set()
+        while step < total_steps and not lease.yield_requested.is_set():
+            lease.check()  # fencing before each unit of GPU work
+            await asyncio.sleep(0.1)  # one simulated optimizer step
+            step += 1
+            if step % 5 == 0:
+                timeline.say("training", f"step {step}/{total_steps}")
+        if lease.yield_requested.is_set():
+            left = lease.yield_deadline_unix_s - time.time()
+            timeline.say("training", f"asked to yield ({left:.1f} s left): checkpoint at step {step}")
+            await asyncio.sleep(0.3)  # simulated checkpoint write
+            timeline.mark("training_released")
+            await lease.release()
+            timeline.say("training", "released the GPU")
+            await asyncio.sleep(0.05)  # re-queue right away: the scheduler grants it once serving is done
+        else:
+            await lease.release()
+    timeline.say("training", f"done: {total_steps} steps")
+
+
+async def _serving(client: LeaseClient, timeline: Timeline) -> None:
+    request = LeaseRequest(
+        "inference-0",
+        LeaseKind.SERVING,
+        vram_bytes=60 * GIB,
+        priority=10,
+        preemptible=True,
+        expected_duration_s=2,
+        description="chat (simulated generation)",
+    )
+    timeline.say("serving", "a chat request arrives; asking for the GPU (priority 10)")
+    timeline.mark("chat_arrived")
+
+    def queued(position: int, eta_s: float) -> None:
+        timeline.say("serving", f"queued #{position}, ETA {eta_s:.1f} s")
+
+    lease = await client.acquire(request, on_queued=queued)
+    timeline.mark("serving_granted")
+    timeline.say("serving", f"GRANTED epoch {lease.epoch}: waking the model, answering")
+    await asyncio.sleep(1.0)  # simulated wake + generation
+    timeline.say("serving", "answered; idle, giving the GPU back")
+    await lease.release()
+
+
+async def _run(target: str) -> None:
+    timeline = Timeline()
+    resumed = asyncio.Event()
+    async with LeaseClient(target) as client:
+        training = asyncio.create_task(_training(client, timeline, resumed, total_steps=30))
+        await asyncio.sleep(1.2)
+        await _serving(client, timeline)
+        await asyncio.wait_for(resumed.wait(), 10)
+        await training
+        state = await client.gpu_state()
+    print()
+    handover_ms = timeline.between("training_released", "serving_granted") * 1000
+    chat_wait_s = timeline.between("chat_arrived", "serving_granted")
+    print(f"  handover (training released -> serving granted): {handover_ms:.1f} ms")
+    print(f"  the chat waited {chat_wait_s:.2f} s for the GPU (including the 0.3 s checkpoint)")
+    print(f"  epochs granted: {state.epoch} (each grant a new fencing epoch); GPU now free: {not state.holders}")
+
+
+def run_demo(home: Path | None = None) -> None:
+    home = home or Path(tempfile.mkdtemp(prefix="baton-demo-"))
+    port = free_port()
+    scheduler = ServiceProcess(
+        "scheduler",
+        "services.scheduler",
+        ["--home", str(home), "--grpc-port", str(port), "--yield-deadline-s", "5", "--ttl-s", "3"],
+        grpc_target=f"127.0.0.1:{port}",
+        log_path=home / "scheduler.log",
+    )
+    print(f"baton demo: GPU-lease handover (scheduler on 127.0.0.1:{port}, log {home / 'scheduler.log'})\n")
+    scheduler.start()
+    try:
+        asyncio.run(_run(scheduler.grpc_target))
+    finally:
+        scheduler.stop()
+    print("\n  scheduler log (every transition is a log line and a metric):")
+    for line in scheduler.log_tail(200).splitlines():
+        if " lease." in line:
+            print("   ", line)
