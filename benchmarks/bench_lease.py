@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baton.lease import LeaseClient, LeaseKind, LeaseRequest  # noqa: E402
-from baton.runtime.process import ServiceProcess, free_port  # noqa: E402
-from benchmarks.common import median, percentile, print_table  # noqa: E402
+from baton.lease import LeaseClient, LeaseKind, LeaseRequest
+from baton.runtime.process import ServiceProcess, free_port
+from benchmarks.common import median, percentile, print_table
 
 GIB = 1 << 30
 
@@ -56,7 +56,7 @@ async def measure_handover(first: LeaseClient, second: LeaseClient, rounds: int)
     for round_no in range(rounds):
         nxt = (round_no + 1) % 2
         queued = asyncio.Event()
-        waiter = asyncio.create_task(clients[nxt].acquire(requests[nxt], on_queued=lambda *_: queued.set()))
+        waiter = asyncio.create_task(clients[nxt].acquire(requests[nxt], on_queued=lambda *_, q=queued: q.set()))
         await queued.wait()  # B is in the queue before A lets go
         start = time.perf_counter()
         await holder.release()

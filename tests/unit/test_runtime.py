@@ -1,0 +1,98 @@
+"""The shared runtime: settings precedence and flags, the error taxonomy across gRPC and HTTP, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+
+from baton.runtime import errors
+from baton.runtime.logging import configure_logging, log_event
+from baton.runtime.settings import settings_from_args
+from services.scheduler.settings import SchedulerSettings
+
+
+def test_settings_flags_override_env_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATON_SCHEDULER_TTL_S", "7")
+    monkeypatch.setenv("BATON_SCHEDULER_YIELD_DEADLINE_S", "9")
+    monkeypatch.setenv("BATON_HOME", "/tmp/baton-home")
+    settings = settings_from_args(SchedulerSettings, ["--ttl-s", "3", "--no-use-nvml"], prog="x", description="")
+    assert settings.ttl_s == 3  # flag beats env
+    assert settings.yield_deadline_s == 9  # env beats default
+    assert settings.ageing_s == 60  # default
+    assert settings.use_nvml is False
+    assert settings.resolved_state_path() == Path("/tmp/baton-home/scheduler.sqlite")
+
+
+def test_settings_refuse_nonsense_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="ttl_s"):
+        settings_from_args(SchedulerSettings, ["--ttl-s", "-1"], prog="x", description="")
+
+
+def test_help_lists_every_setting_with_its_env_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(SchedulerSettings, ["--help"], prog="baton serve scheduler", description="")
+    text = capsys.readouterr().out
+    for name in SchedulerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in text
+    assert "BATON_SCHEDULER_TTL_S" in text
+
+
+@pytest.mark.parametrize(
+    ("cls", "code", "http"),
+    [
+        (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 422),
+        (errors.EmptyInput, grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (errors.PayloadTooLarge, grpc.StatusCode.INVALID_ARGUMENT, 413),
+        (errors.NotFound, grpc.StatusCode.NOT_FOUND, 404),
+        (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, 409),
+        (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, 409),
+        (errors.UpstreamFailed, grpc.StatusCode.FAILED_PRECONDITION, 424),
+        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
+        (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
+    ],
+)
+def test_each_error_has_one_grpc_code_and_one_http_status(cls: type[errors.BatonError], code, http) -> None:
+    assert cls.grpc_code == code and cls.http_status == http
+    # The way back from the wire picks the same class from the code and the ErrorInfo reason.
+    assert errors.error_class_for(code, cls.default_reason) is cls
+
+
+def test_unknown_reason_falls_back_to_the_base_class_of_the_code() -> None:
+    assert errors.error_class_for(grpc.StatusCode.FAILED_PRECONDITION, "SOMETHING_NEW") is errors.FailedPrecondition
+    assert errors.error_class_for(grpc.StatusCode.INVALID_ARGUMENT, None) is errors.InvalidArgument
+    assert errors.error_class_for(grpc.StatusCode.DATA_LOSS, None) is errors.Internal
+
+
+def test_status_carries_reason_metadata_and_retry_hint() -> None:
+    error = errors.ResourceExhausted("busy", reason="GPU_BUSY", metadata={"position": "2"}, retry_after_s=12.5)
+    status = errors.to_grpc_status(error)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert error.to_json() == {
+        "error": "busy",
+        "error_type": "overloaded",
+        "reason": "GPU_BUSY",
+        "details": {"position": "2"},
+        "retry_after_s": 12.5,
+    }
+    assert len(status.details) == 2  # ErrorInfo + RetryInfo
+
+
+def test_json_logs_are_one_object_per_line_with_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("test", level="INFO", fmt="json")
+    log_event(logging.getLogger("t"), "lease.granted", holder="a", epoch=3)
+    record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert record["event"] == "lease.granted" and record["holder"] == "a" and record["epoch"] == 3
+    assert record["service"] == "test"
+
+
+def test_readme_lists_every_scheduler_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in SchedulerSettings.model_fields:
+        if name == "home":
+            continue  # documented as BATON_HOME, shared by every service
+        assert f"BATON_SCHEDULER_{name.upper()}" in readme, name
