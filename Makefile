@@ -20,7 +20,7 @@ help:  ## list the targets
 $(STAMPS)/base: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.3
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	$(PY) -m pip install --quiet --editable '.[dev,gateway,ml]'
 	@mkdir -p $(STAMPS) && touch $@
 
 setup: $(STAMPS)/base $(STUBS)  ## create .venv, install baton and generate the gRPC stubs

@@ -11,6 +11,8 @@ import pytest
 
 from baton.runtime.process import ServiceProcess, free_port
 
+pytest_plugins = ["tests.fixtures.embedder", "tests.fixtures.store"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # In CI a test that needs a missing component must fail, never skip (DESIGN.md, working rules).
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

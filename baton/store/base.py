@@ -1,0 +1,92 @@
+"""The ``VectorStore`` protocol and the data it speaks. Both backends (embedded, Weaviate) implement it and pass
+the same conformance suite (tests/conformance/).
+
+A store holds chunks: text + vector + metadata, owned by one tenant and one document. Writes are per document and
+atomic: ``replace_document`` swaps all chunks of a document in one step, so a search never sees half a document.
+Search is vector, BM25 or hybrid; hybrid fuses the two rankings with ``baton.store.fusion`` so that both backends
+rank alike.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+MetadataValue = str | int | float | bool
+# Equality filters: {"document_id": "d1"} or any-of: {"collection": ["a", "b"]}.
+Filters = Mapping[str, MetadataValue | Sequence[MetadataValue]]
+
+
+class SearchMode(enum.StrEnum):
+    VECTOR = "vector"
+    BM25 = "bm25"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk as stored. ``chunk_id`` is unique within the tenant and stable across re-ingests of the same
+    content (e.g. ``f"{document_id}:{index}"``); ``metadata`` carries the citation and filter fields (title,
+    heading, page, source, collection, language, start/end offsets, ...)."""
+
+    chunk_id: str
+    document_id: str
+    tenant: str
+    text: str
+    vector: np.ndarray  # float32, shape (dim,), L2-normalised by the embedder
+    metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreQuery:
+    tenant: str
+    text: str = ""
+    vector: np.ndarray | None = None
+    k: int = 10
+    mode: SearchMode = SearchMode.HYBRID
+    filters: Filters = field(default_factory=dict)
+    # Weight of the vector side in hybrid fusion, 0..1. None: decided by fusion.choose_vector_weight
+    # from the query and the embedder's languages (see ``languages``).
+    vector_weight: float | None = None
+    # Languages the embedding model covers (ISO 639-1, "*" = all); lets fusion gate a blind dense side.
+    embedder_languages: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    document_id: str
+    text: str
+    metadata: Mapping[str, MetadataValue]
+    score: float  # the fused (or single-mode) score; higher is better
+    vector_score: float | None = None  # cosine similarity, when the vector side ranked it
+    bm25_score: float | None = None  # BM25, when the text side ranked it
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Synchronous on purpose: the embedded store is CPU-bound; async callers use ``asyncio.to_thread``."""
+
+    def replace_document(self, tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> None:
+        """Atomically make ``chunks`` the only chunks of the document (insert, re-upsert or shrink)."""
+        ...
+
+    def delete_document(self, tenant: str, document_id: str) -> int:
+        """Remove every chunk of the document; returns how many were removed (0 if none)."""
+        ...
+
+    def search(self, query: StoreQuery) -> list[Hit]:
+        """Top ``query.k`` hits for the tenant, best first. An empty store or tenant returns []."""
+        ...
+
+    def count(self, tenant: str | None = None, filters: Filters | None = None) -> int: ...
+
+    def document_ids(self, tenant: str) -> set[str]: ...
+
+    def health(self) -> bool: ...
+
+    def close(self) -> None: ...
