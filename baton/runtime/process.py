@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -38,6 +39,15 @@ def grpc_health_status(target: str, *, timeout_s: float = 1.0) -> int | None:
         return int(response.status)
 
 
+def http_ok(url: str, *, timeout_s: float = 1.0) -> bool:
+    """True when ``url`` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= response.status < 300
+    except (OSError, ValueError):
+        return False
+
+
 class ServiceExited(RuntimeError):
     pass
 
@@ -51,14 +61,16 @@ class ServiceProcess:
         module: str,
         args: Sequence[str],
         *,
-        grpc_target: str,
+        grpc_target: str = "",
         log_path: Path,
         env: dict[str, str] | None = None,
+        health_url: str = "",
     ) -> None:
         self.name = name
         self.module = module
         self.args = list(args)
         self.grpc_target = grpc_target
+        self.health_url = health_url
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -88,10 +100,16 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServiceExited(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            if grpc_health_status(self.grpc_target, timeout_s=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            if self._healthy():
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not healthy at {self.grpc_target} after {timeout_s:g} s:\n{self.log_tail()}")
+        where = self.health_url or self.grpc_target
+        raise TimeoutError(f"{self.name} not healthy at {where} after {timeout_s:g} s:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        if self.health_url:
+            return http_ok(self.health_url)
+        return grpc_health_status(self.grpc_target, timeout_s=0.5) == health_pb2.HealthCheckResponse.SERVING
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -23,18 +23,23 @@ def _default_home() -> Path:
     return Path(os.environ.get("BATON_HOME", "var"))
 
 
-class ServiceSettings(BaseSettings):
-    """Settings every gRPC service has. Subclasses set ``model_config = service_config("NAME")``."""
+class CommonSettings(BaseSettings):
+    """Settings every baton process has. Subclasses set ``model_config = service_config("NAME")``."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
 
     home: Path = Field(default_factory=_default_home, description="State directory (BATON_HOME is shared).")
-    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 disables it).")
+    host: str = Field("127.0.0.1", description="Address the server binds to.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="text for people, json for log shippers.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight calls get on SIGTERM.")
+
+
+class ServiceSettings(CommonSettings):
+    """Settings every gRPC service has."""
+
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 disables it).")
 
 
 def service_config(name: str) -> SettingsConfigDict:

@@ -1,0 +1,57 @@
+"""HTTP side of the error taxonomy, for every FastAPI app (gateway, the embedder's TEI API).
+
+Domain errors become ``{"error", "error_type", "reason", ...}`` with their HTTP status (TEI's split) and a
+``Retry-After`` header when the error carries a hint; request validation failures become 422 in the same shape;
+anything unexpected is logged and answered 500 without leaking internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from baton.runtime.errors import BatonError, EmptyInput, Internal, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+
+def error_response(error: BatonError) -> JSONResponse:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return JSONResponse(status_code=error.http_status, content=error.to_json(), headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BatonError)
+    async def domain_error(request: Request, error: BatonError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(_describe(e) for e in error.errors())
+        if request.headers.get("content-length") == "0" or ("body" in problems and "missing" in problems):
+            return error_response(EmptyInput(f"the request body is empty or incomplete: {problems}"))
+        return error_response(InvalidArgument(f"invalid request: {problems}", reason="INVALID_REQUEST"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}; see /docs"))
+        body = {"error": str(error.detail), "error_type": "http", "reason": f"HTTP_{error.status_code}"}
+        return JSONResponse(status_code=error.status_code, content=body)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(Internal("internal error; see the service log"))
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    return f"{where or 'body'}: {error.get('msg', 'invalid')}"
