@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.lease import LeaseClient, LeaseKind, LeaseRequest
-from baton.runtime.process import ServiceProcess, free_port
 
 GIB = 1 << 30
 
@@ -113,23 +112,54 @@ async def _run(target: str) -> None:
     print(f"  epochs granted: {state.epoch} (each grant a new fencing epoch); GPU now free: {not state.holders}")
 
 
+EXAMPLE_NOTES = Path(__file__).resolve().parents[1] / "examples" / "notes"
+DEMO_QUERIES = [
+    ("что говорил Сартр о выборе?", "ru: a question in another word form than the text"),
+    ("how often should tomatoes be watered", "en"),
+    ("сколько соли класть в тесто", "ru, from an HTML page (navigation and footer dropped)"),
+    ("who owns the evaluation set", "en, from a plain-text meeting note"),
+]
+
+
+def _memory_part(gateway_url: str) -> None:
+    from baton.clients.gateway import GatewayClient
+
+    print(f"1. memory: ingest {EXAMPLE_NOTES} (md, html, txt; Russian and English)")
+    with GatewayClient(gateway_url, tenant="demo") as client:
+        job = client.start_folder_ingest(EXAMPLE_NOTES)
+        job = client.follow_job(str(job["id"]), lambda _: None, poll_s=0.2)
+        report = job["report"]
+        print(f"   {report['added']} documents, {report['chunks']} chunks in {report['elapsed_s']:.1f} s "
+              f"({report['embed_s']:.1f} s embedding)")  # fmt: skip
+        again = client.follow_job(str(client.start_folder_ingest(EXAMPLE_NOTES)["id"]), lambda _: None, poll_s=0.2)
+        print(f"   again: {again['report']['unchanged']} unchanged, nothing re-embedded")
+        print("\n2. search with citations (hybrid BM25 + vectors; Russian stemming)")
+        for query, note in DEMO_QUERIES:
+            hit = client.search(query, k=1)["hits"][0]
+            where = " > ".join(part for part in (hit["title"], hit["heading"]) if part)
+            text = " ".join(str(hit["text"]).split())
+            print(f"   Q: {query}   ({note})\n      [1] {where} — {Path(hit['source']).name}\n"
+                  f"          {text[:150]}…")  # fmt: skip
+
+
 def run_demo(home: Path | None = None) -> None:
+    from baton.runtime.process import free_port as port
+    from baton.stack import Stack, StackPorts
+
     home = home or Path(tempfile.mkdtemp(prefix="baton-demo-"))
-    port = free_port()
-    scheduler = ServiceProcess(
-        "scheduler",
-        "services.scheduler",
-        ["--home", str(home), "--grpc-port", str(port), "--yield-deadline-s", "5", "--ttl-s", "3"],
-        grpc_target=f"127.0.0.1:{port}",
-        log_path=home / "scheduler.log",
-    )
-    print(f"baton demo: GPU-lease handover (scheduler on 127.0.0.1:{port}, log {home / 'scheduler.log'})\n")
-    scheduler.start()
+    ports = StackPorts(scheduler=port(), embedder=port(), embedder_http=port(), gateway=port())
+    stack = Stack(home, ports, allowed_roots=[EXAMPLE_NOTES])
+    print(f"baton demo (state in {home}; service logs in {home / 'logs'})\n")
+    print("0. starting scheduler, embedder (MiniLM, offline) and gateway as local processes")
+    stack.up(on_started=lambda p, s: print(f"   {p.name:<10} healthy after {s:.1f} s"))
     try:
-        asyncio.run(_run(scheduler.grpc_target))
+        _memory_part(ports.gateway_url)
+        print(f"\n3. the GPU lease: training yields to a chat and resumes (scheduler 127.0.0.1:{ports.scheduler})\n")
+        asyncio.run(_run(f"127.0.0.1:{ports.scheduler}"))
     finally:
-        scheduler.stop()
+        stack.down()
+    scheduler_log = home / "logs" / "scheduler.log"
     print("\n  scheduler log (every transition is a log line and a metric):")
-    for line in scheduler.log_tail(200).splitlines():
+    for line in scheduler_log.read_text().splitlines():
         if " lease." in line:
             print("   ", line)

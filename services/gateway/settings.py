@@ -1,0 +1,49 @@
+"""Gateway settings (env prefix BATON_GATEWAY_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from baton.runtime.settings import CommonSettings, service_config
+
+
+class GatewaySettings(CommonSettings):
+    model_config = service_config("gateway")
+
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the public API.")
+    embedder_addr: str = Field("127.0.0.1:50061", description="gRPC address of the embedder service.")
+    store: Literal["embedded"] = Field("embedded", description="Vector store backend.")
+    store_path: Path | None = Field(None, description="Embedded store directory [home/store].")
+    catalog_path: Path | None = Field(None, description="Catalog SQLite file [home/catalog.sqlite].")
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Server-side folders that POST /v1/documents may ingest by path (comma-separated; "
+        "empty = ingest by path is off, uploads only).",
+    )
+    max_document_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Largest document accepted, in bytes.")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest upload request, in bytes.")
+    chunk_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per chunk (default: min(512, the embedder's max input)); above the "
+        "embedder's max input is a configuration error.",
+    )
+    chunk_overlap_tokens: int = Field(64, ge=0, description="Tokens shared by neighbouring chunks.")
+    ingest_concurrency: int = Field(4, ge=1, le=64, description="Documents processed at once during ingest.")
+    max_search_k: int = Field(1000, ge=1, description="Largest k a search may ask for.")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    def resolved_store_path(self) -> Path:
+        return self.store_path or self.home / "store"
+
+    def resolved_catalog_path(self) -> Path:
+        return self.catalog_path or self.home / "catalog.sqlite"

