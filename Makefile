@@ -12,7 +12,7 @@ STUBS  := baton/v1/.generated
 export CI ?=
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup proto test unit integration demo bench lint fmt clean
+.PHONY: help setup proto test unit integration demo bench eval lint fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ demo: setup  ## the main job: for now, a GPU-lease handover between two holders,
 
 bench: setup  ## benchmarks, printed as tables of ratios against baselines measured in the same run
 	$(PY) benchmarks/bench_lease.py
+	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_retrieval.py --chunks 100000
+
+eval: setup  ## retrieval quality on SciFact and XQuAD-en through the whole stack (prints nDCG, recall, MRR)
+	$(PY) -m pytest -q -s -m '' tests/integration/test_retrieval_quality.py
 
 clean:  ## remove the venv, stubs and local state
 	rm -rf $(VENV) baton/v1 var .pytest_cache .ruff_cache

@@ -60,6 +60,21 @@ def _down(args: argparse.Namespace) -> None:
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
+def _settings(args: argparse.Namespace) -> None:
+    from importlib import import_module
+
+    from baton.runtime.settings import settings_table
+
+    classes = {
+        "scheduler": "services.scheduler.settings:SchedulerSettings",
+        "embedder": "services.embedder.settings:EmbedderSettings",
+        "gateway": "services.gateway.settings:GatewaySettings",
+    }
+    for service in args.services or list(classes):
+        module, name = classes[service].split(":")
+        print(f"### {service}\n\n{settings_table(getattr(import_module(module), name))}\n")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from baton.demo import run_demo
 
@@ -116,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
     down = commands.add_parser("down", help="stop the services started by `baton up`")
     down.set_defaults(run=_down)
+
+    settings = commands.add_parser("settings", help="every setting of every service, as markdown tables")
+    settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "gateway"])
+    settings.set_defaults(run=_settings)
 
     demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")
     demo.set_defaults(run=_demo)

@@ -92,3 +92,17 @@ def _scalar_type(annotation: Any) -> Any:
     if annotation in (int, float, str, Path):
         return annotation
     return str
+
+
+def settings_table(cls: type[BaseSettings]) -> str:
+    """A markdown table of every setting: environment variable, default, meaning (for the README)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in cls.model_fields.items():
+        default = info.get_default(call_default_factory=False)
+        if default is None or callable(default) or info.default_factory is not None:
+            default = "(see meaning)" if name != "home" else "`var`"
+        else:
+            default = f"`{default}`"
+        variable = "BATON_HOME" if name == "home" else env_name(cls, name)
+        lines.append(f"| `{variable}` | {default} | {info.description or ''} |")
+    return "\n".join(lines)

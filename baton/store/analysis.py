@@ -12,6 +12,7 @@ know whether the query is in a language the embedder covers.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import unicodedata
@@ -76,6 +77,31 @@ def query_terms(text: str) -> list[str]:
 
 def term_frequencies(text: str) -> Counter[str]:
     return Counter(analyze(text))
+
+
+# --- BM25, as SQLite FTS5's bm25() computes it ---------------------------------------------------------------------
+
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+def bm25_idf(document_frequency: int, document_count: int) -> float:
+    """FTS5's IDF: ``log((N - n + 0.5) / (n + 0.5))``, floored at 1e-6 (a term in half the rows or more)."""
+    idf = math.log((document_count - document_frequency + 0.5) / (document_frequency + 0.5))
+    return idf if idf > 0 else 1e-6
+
+
+def bm25_term_score(term_frequency: int, document_length: int, average_length: float, idf: float) -> float:
+    """One term's share of a document's BM25 score."""
+    if term_frequency <= 0:
+        return 0.0
+    norm = BM25_K1 * (1 - BM25_B + BM25_B * document_length / average_length)
+    return idf * term_frequency * (BM25_K1 + 1) / (term_frequency + norm)
+
+
+def bm25_upper_bound(idf: float) -> float:
+    """The most one term can add to any document's score (its frequency → ∞)."""
+    return idf * (BM25_K1 + 1)
 
 
 def fts5_match_expression(terms: Iterable[str]) -> str:

@@ -42,7 +42,8 @@ from typing import TextIO
 import numpy as np
 
 from baton.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
-from baton.store.analysis import detect_language, fts5_match_expression, index_text, query_terms
+from baton.store import fts_bm25
+from baton.store.analysis import detect_language, index_text, query_terms
 from baton.store.base import ChunkRecord, Filters, Hit, MetadataValue, SearchMode, StoreQuery
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
 from baton.store.vector_index import IndexParams, TenantIndex, VectorHits
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     name TEXT NOT NULL UNIQUE,
     generation INTEGER NOT NULL DEFAULT 0,
     stamp INTEGER NOT NULL DEFAULT 0,
-    chunk_count INTEGER NOT NULL DEFAULT 0
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    token_count INTEGER NOT NULL DEFAULT 0  -- analysed terms in all chunks: BM25's average document length
 );
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     document_id TEXT NOT NULL,
     chunk_id TEXT NOT NULL,
     metadata TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
     UNIQUE (tenant_id, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (tenant_id, document_id);
@@ -82,9 +85,13 @@ CREATE TABLE IF NOT EXISTS chunk_bodies (id INTEGER PRIMARY KEY, text TEXT NOT N
 class _PreparedChunk:
     chunk_id: str
     text: str
-    terms: str
+    terms: str  # analysed, space-separated: what FTS5 indexes
     metadata_json: str
     vector: np.ndarray
+
+    @property
+    def token_count(self) -> int:
+        return len(self.terms.split())
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,10 @@ class _Version:
 
 @dataclass(frozen=True)
 class _Filter:
-    """A resolved metadata filter: the rows it allows (sorted) and the SQL that selects them, for FTS5."""
+    """A resolved metadata filter: the rows it allows (sorted), and the SQL that selects them, for FTS5."""
 
     rowids: np.ndarray
-    sql: str
-    params: list[object]
+    rows: fts_bm25.RowFilter
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,10 @@ class EmbeddedStore:
             with self._transaction() as conn:
                 tenant_id = self._tenant_for_write(conn, tenant)
                 self._ensure_dim(conn, prepared[0].vector.size)
-                removed = self._delete_rows(conn, tenant_id, document_id)
+                removed, removed_tokens = self._delete_rows(conn, tenant_id, document_id)
                 added = self._insert_rows(conn, tenant_id, document_id, prepared)
-                version = self._bump_generation(conn, tenant_id, added.size - removed.size)
+                tokens = sum(chunk.token_count for chunk in prepared) - removed_tokens
+                version = self._bump_generation(conn, tenant_id, added.size - removed.size, tokens)
                 vectors = np.stack([chunk.vector for chunk in prepared])
                 self._commit_and_apply(conn, tenant, removed, added, vectors, version)
             self._tenant_ids[tenant] = tenant_id
@@ -177,11 +184,11 @@ class EmbeddedStore:
             self._check_open()
             with self._transaction() as conn:
                 tenant_id = self._existing_tenant(conn, tenant)
-                removed = self._delete_rows(conn, tenant_id, document_id) if tenant_id is not None else _NO_IDS
+                removed, tokens = self._delete_rows(conn, tenant_id, document_id) if tenant_id else (_NO_IDS, 0)
                 if removed.size == 0:
                     conn.execute("ROLLBACK")
                     return 0
-                version = self._bump_generation(conn, tenant_id, -removed.size)
+                version = self._bump_generation(conn, tenant_id, -removed.size, -tokens)
                 self._commit_and_apply(conn, tenant, removed, _NO_IDS, None, version)
             self._maintain(tenant)
         return int(removed.size)
@@ -363,10 +370,7 @@ class EmbeddedStore:
         tenant_id = self._existing_tenant(conn, tenant)
         if tenant_id is None:
             tenant_id = int(conn.execute("INSERT INTO tenants (name) VALUES (?) RETURNING id", (tenant,)).fetchone()[0])
-            # The terms are pre-analysed and space-separated; 'ascii' splits on ASCII non-alphanumerics only, so
-            # it keeps every (Unicode) term whole. The vocabulary table gives document frequencies.
-            conn.execute(f"CREATE VIRTUAL TABLE {_fts(tenant_id)} USING fts5(terms, tokenize = 'ascii')")
-            conn.execute(f"CREATE VIRTUAL TABLE {_fts(tenant_id)}_vocab USING fts5vocab({_fts(tenant_id)}, 'row')")
+            fts_bm25.create_tables(conn, tenant_id)
         return tenant_id
 
     @staticmethod
@@ -386,20 +390,19 @@ class EmbeddedStore:
             )
 
     @staticmethod
-    def _delete_rows(conn: sqlite3.Connection, tenant_id: int, document_id: str) -> np.ndarray:
-        ids = [
-            row[0]
-            for row in conn.execute(
-                "SELECT id FROM chunks WHERE tenant_id = ? AND document_id = ? ORDER BY id", (tenant_id, document_id)
-            )
-        ]
-        if ids:
-            for part in _batches(ids, 500):
-                marks = ",".join("?" * len(part))
-                conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
-                conn.execute(f"DELETE FROM chunk_bodies WHERE id IN ({marks})", part)
-                conn.execute(f"DELETE FROM {_fts(tenant_id)} WHERE rowid IN ({marks})", part)
-        return np.asarray(ids, dtype=np.int64)
+    def _delete_rows(conn: sqlite3.Connection, tenant_id: int, document_id: str) -> tuple[np.ndarray, int]:
+        """Delete the document's rows; returns their ids and how many analysed terms they held."""
+        rows = conn.execute(
+            "SELECT id, tokens FROM chunks WHERE tenant_id = ? AND document_id = ? ORDER BY id",
+            (tenant_id, document_id),
+        ).fetchall()
+        ids = [rowid for rowid, _ in rows]
+        for part in _batches(ids, 500):
+            marks = ",".join("?" * len(part))
+            conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
+            conn.execute(f"DELETE FROM chunk_bodies WHERE id IN ({marks})", part)
+            conn.execute(f"DELETE FROM {fts_bm25.table_name(tenant_id)} WHERE rowid IN ({marks})", part)
+        return np.asarray(ids, dtype=np.int64), sum(tokens for _, tokens in rows)
 
     @staticmethod
     def _insert_rows(
@@ -408,8 +411,9 @@ class EmbeddedStore:
         ids = []
         for chunk in chunks:
             (rowid,) = conn.execute(
-                "INSERT INTO chunks (tenant_id, document_id, chunk_id, metadata) VALUES (?, ?, ?, ?) RETURNING id",
-                (tenant_id, document_id, chunk.chunk_id, chunk.metadata_json),
+                "INSERT INTO chunks (tenant_id, document_id, chunk_id, metadata, tokens) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id",
+                (tenant_id, document_id, chunk.chunk_id, chunk.metadata_json, chunk.token_count),
             ).fetchone()
             ids.append(rowid)
         conn.executemany(
@@ -417,17 +421,17 @@ class EmbeddedStore:
             [(rowid, chunk.text, chunk.vector.tobytes()) for rowid, chunk in zip(ids, chunks, strict=True)],
         )
         conn.executemany(
-            f"INSERT INTO {_fts(tenant_id)} (rowid, terms) VALUES (?, ?)",
+            f"INSERT INTO {fts_bm25.table_name(tenant_id)} (rowid, terms) VALUES (?, ?)",
             [(rowid, chunk.terms) for rowid, chunk in zip(ids, chunks, strict=True)],
         )
         return np.asarray(ids, dtype=np.int64)
 
     @staticmethod
-    def _bump_generation(conn: sqlite3.Connection, tenant_id: int, count_change: int) -> _Version:
+    def _bump_generation(conn: sqlite3.Connection, tenant_id: int, chunk_change: int, token_change: int) -> _Version:
         row = conn.execute(
-            "UPDATE tenants SET generation = generation + 1, stamp = ?, chunk_count = chunk_count + ? WHERE id = ? "
-            "RETURNING generation, stamp",
-            (secrets.randbits(62), int(count_change), tenant_id),
+            "UPDATE tenants SET generation = generation + 1, stamp = ?, chunk_count = chunk_count + ?, "
+            "token_count = token_count + ? WHERE id = ? RETURNING generation, stamp",
+            (secrets.randbits(62), int(chunk_change), int(token_change), tenant_id),
         ).fetchone()
         return _Version(int(row[0]), int(row[1]))
 
@@ -619,17 +623,11 @@ class EmbeddedStore:
         conn: sqlite3.Connection, tenant_id: int, terms: Sequence[str], limit: int, allowed: _Filter | None
     ) -> dict[int, float]:
         """Top ``limit`` rows by BM25 (FTS5's k1 = 1.2, b = 0.75), best first; scores positive, higher better."""
-        terms = _informative_terms(conn, tenant_id, terms)
         if not terms:
             return {}
-        table = _fts(tenant_id)
-        sql = f"SELECT rowid, rank FROM {table} WHERE {table} MATCH ?"
-        params: list[object] = [fts5_match_expression(terms)]
-        if allowed is not None:
-            sql += f" AND rowid IN ({allowed.sql})"
-            params.extend(allowed.params)
-        rows = conn.execute(f"{sql} ORDER BY rank LIMIT ?", [*params, limit]).fetchall()
-        return {int(rowid): -float(rank) for rowid, rank in rows}
+        row = conn.execute("SELECT chunk_count, token_count FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        stats = fts_bm25.TenantStats(int(row[0]), int(row[1]))
+        return fts_bm25.top(conn, tenant_id, stats, terms, limit, None if allowed is None else allowed.rows)
 
     def _resolve_filter(self, conn: sqlite3.Connection, tenant_id: int, filters: Filters) -> _Filter | None:
         """The rows the filters allow within the tenant, or None for no filter."""
@@ -639,7 +637,7 @@ class EmbeddedStore:
         sql = f"SELECT id FROM chunks WHERE tenant_id = ? AND {' AND '.join(clauses)}"
         params = [tenant_id, *params]
         rowids = np.fromiter((row[0] for row in conn.execute(f"{sql} ORDER BY id", params)), dtype=np.int64)
-        return _Filter(rowids, sql, params)
+        return _Filter(rowids, fts_bm25.RowFilter(sql, params))
 
     @staticmethod
     def _fetch_rows(conn: sqlite3.Connection, rowids: Sequence[int]) -> dict[int, _Row]:
@@ -715,24 +713,6 @@ def _vector_hits(index: TenantIndex | None, vector: np.ndarray, k: int, allowed:
     if index is None:
         return VectorHits(_NO_IDS, np.empty(0, np.float32))
     return index.search(vector, k, None if allowed is None else allowed.rowids)
-
-
-def _fts(tenant_id: int) -> str:
-    return f"fts_{int(tenant_id)}"
-
-
-def _informative_terms(conn: sqlite3.Connection, tenant_id: int, terms: Sequence[str]) -> list[str]:
-    """The query terms worth matching. FTS5 floors the IDF of a term in half the rows or more at 1e-6, so such a
-    term adds nothing to a score, yet matching it makes FTS5 score most of the tenant (a "the" in the query costs
-    seconds at a million chunks). They are dropped while a rarer term remains; terms in no row are dropped too."""
-    if not terms:
-        return []
-    marks = ",".join("?" * len(terms))
-    frequencies = dict(conn.execute(f"SELECT term, doc FROM {_fts(tenant_id)}_vocab WHERE term IN ({marks})", terms))
-    (rows,) = conn.execute("SELECT chunk_count FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
-    present = [term for term in terms if frequencies.get(term, 0) > 0]
-    informative = [term for term in present if 2 * frequencies[term] < rows]
-    return informative or present
 
 
 def _json_path_sql(key: str) -> str:

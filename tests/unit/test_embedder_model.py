@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from baton.runtime.errors import InvalidArgument
-from services.embedder.model import EmbeddingModel, LoadOptions, card_languages, load_model
+from services.embedder.model import EmbeddingModel, LoadOptions, card_languages, choose_backend, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -91,3 +91,9 @@ def test_a_hub_name_fails_saying_a_local_path_is_needed() -> None:
 def test_a_folder_that_is_not_sentence_transformers_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"modules\.json"):
         load_model(LoadOptions(tmp_path))
+
+
+def test_backend_auto_is_onnx_on_a_cpu_and_explicit_choices_stand() -> None:
+    assert choose_backend("auto", "cpu") == "onnx"
+    assert choose_backend("torch", "cpu") == "torch"
+    assert choose_backend("onnx", "cuda") == "onnx"

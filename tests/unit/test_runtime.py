@@ -90,9 +90,20 @@ def test_json_logs_are_one_object_per_line_with_fields(capsys: pytest.CaptureFix
     assert record["service"] == "test"
 
 
-def test_readme_lists_every_scheduler_setting() -> None:
+@pytest.mark.parametrize(
+    "settings_class",
+    ["services.scheduler.settings:SchedulerSettings", "services.embedder.settings:EmbedderSettings",
+     "services.gateway.settings:GatewaySettings"],  # fmt: skip
+)
+def test_readme_lists_every_setting(settings_class: str) -> None:
+    from importlib import import_module
+
+    from baton.runtime.settings import env_name
+
+    module, name = settings_class.split(":")
+    cls = getattr(import_module(module), name)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in SchedulerSettings.model_fields:
-        if name == "home":
+    for field in cls.model_fields:
+        if field == "home":
             continue  # documented as BATON_HOME, shared by every service
-        assert f"BATON_SCHEDULER_{name.upper()}" in readme, name
+        assert env_name(cls, field) in readme, field

@@ -1,15 +1,19 @@
 """The embedded store's own machinery, below the protocol: the per-tenant vector index (exact and HNSW, tombstones,
-filters, snapshots) and how the store treats a missing, stale, damaged or too-new snapshot."""
+filters, snapshots), how the store treats a missing, stale, damaged or foreign snapshot, and BM25 over FTS5
+(the formula, and max-score giving exactly FTS5's own ranking)."""
 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from baton.runtime.errors import FailedPrecondition, Unavailable
+from baton.store import fts_bm25
+from baton.store.analysis import bm25_idf, bm25_term_score, index_text
 from baton.store.base import ChunkRecord, SearchMode, StoreQuery
 from baton.store.embedded import EmbeddedStore
 from baton.store.vector_index import IndexParams, TenantIndex
@@ -211,3 +215,77 @@ def test_one_process_at_a_time_and_no_use_after_close(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         store.count()
     open_store(tmp_path).close()  # the lock went with the first store
+
+
+# --- BM25 over FTS5 -------------------------------------------------------------------------------------------------
+
+
+def zipf_corpus(rows: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(2000)]
+    weights = 1.0 / np.arange(1, len(words) + 1) ** 1.1
+    chosen = rng.choice(len(words), size=(rows, 30), p=weights / weights.sum())
+    return [" ".join(words[i] for i in row) for row in chosen]
+
+
+@pytest.fixture
+def fts_table() -> tuple[sqlite3.Connection, fts_bm25.TenantStats]:
+    conn = sqlite3.connect(":memory:")
+    fts_bm25.create_tables(conn, 1)
+    texts = [index_text(text) for text in zipf_corpus(3000)]
+    conn.executemany("INSERT INTO fts_1 (rowid, terms) VALUES (?, ?)", list(enumerate(texts, start=1)))
+    return conn, fts_bm25.TenantStats(rows=len(texts), tokens=sum(len(text.split()) for text in texts))
+
+
+def test_bm25_formula_is_the_one_fts5_uses(fts_table: tuple[sqlite3.Connection, fts_bm25.TenantStats]) -> None:
+    conn, stats = fts_table
+    terms = ["w3", "w150", "w999"]
+    frequencies = fts_bm25.document_frequencies(conn, 1, terms)
+    expression = " OR ".join(terms)
+    for rowid, rank, text in conn.execute(f"SELECT rowid, rank, terms FROM fts_1 WHERE fts_1 MATCH '{expression}'"):
+        tokens = text.split()
+        expected = sum(
+            bm25_term_score(tokens.count(t), len(tokens), stats.average_length, bm25_idf(frequencies[t], stats.rows))
+            for t in terms
+        )
+        assert -rank == pytest.approx(expected, rel=1e-9), rowid
+
+
+# Document frequencies in the 3,000 rows: w0 2983, w1 2730, w5 1542 (half or more: no IDF); w10 899, w20 509,
+# w40 223 (frequent: left to max-score); w80 128, w150 54, w700 12, w1200 6 (rare).
+@pytest.mark.parametrize(
+    "terms",
+    [
+        ["w10", "w700"],
+        ["w20", "w40", "w150", "w1200"],
+        ["w0", "w10", "w80"],
+        ["w10", "w20"],  # only frequent terms: the plain query
+        ["w1200", "w10"],  # too few rows with the rare term to prove the top 10: the plain query
+        ["w80", "w10", "w20", "w40"],  # the frequent terms together could outscore the rare one: the plain query
+        ["w0", "w1"],  # only terms without IDF
+    ],
+)
+def test_max_score_gives_exactly_the_full_ranking(
+    fts_table: tuple[sqlite3.Connection, fts_bm25.TenantStats], terms: list[str]
+) -> None:
+    conn, stats = fts_table
+    full = fts_bm25.top(conn, 1, stats, terms, 10, max_score_min_rows=10**9)
+    fast = fts_bm25.top(conn, 1, stats, terms, 10, max_score_min_rows=0)
+    assert list(fast) == list(full)
+    assert list(fast.values()) == pytest.approx(list(full.values()), rel=1e-9)
+
+
+def test_max_score_skips_the_frequent_terms_in_the_match(
+    fts_table: tuple[sqlite3.Connection, fts_bm25.TenantStats], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn, stats = fts_table
+    matched: list[list[str]] = []
+    ranked = fts_bm25._ranked
+
+    def spy(conn: sqlite3.Connection, tenant_id: int, terms: list[str], *args: object) -> object:
+        matched.append(list(terms))
+        return ranked(conn, tenant_id, terms, *args)
+
+    monkeypatch.setattr(fts_bm25, "_ranked", spy)
+    fts_bm25.top(conn, 1, stats, ["w0", "w10", "w700"], 10, max_score_min_rows=0)
+    assert matched == [["w700"]]  # one query: w0 adds nothing, w10 is added from the rows' own terms
