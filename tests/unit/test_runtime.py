@@ -92,8 +92,11 @@ def test_json_logs_are_one_object_per_line_with_fields(capsys: pytest.CaptureFix
 
 @pytest.mark.parametrize(
     "settings_class",
-    ["services.scheduler.settings:SchedulerSettings", "services.embedder.settings:EmbedderSettings",
-     "services.gateway.settings:GatewaySettings"],  # fmt: skip
+    [
+        "services.scheduler.settings:SchedulerSettings",
+        "services.embedder.settings:EmbedderSettings",
+        "services.gateway.settings:GatewaySettings",
+    ],
 )
 def test_readme_lists_every_setting(settings_class: str) -> None:
     from importlib import import_module
