@@ -6,6 +6,9 @@ Reads ../shared/data (never copied into the project). The thresholds are issue 3
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from baton.beir import BeirDataset, evaluate, upload_corpus
@@ -14,7 +17,7 @@ from tests.fixtures.gateway import GatewayHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
-DATA = REPO_ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("BATON_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def dataset(name: str) -> BeirDataset:

@@ -328,7 +328,7 @@ def _as_duplicate(row: DocumentRow, original_id: str) -> DocumentRow:
 def _record(tenant: str, document_id: str, row: DocumentRow, chunk: Chunk, vector: np.ndarray) -> ChunkRecord:
     metadata: dict[str, MetadataValue] = {
         "title": row.title,
-        "heading": " > ".join(chunk.heading_path),
+        "heading": " > ".join(_below_title(chunk.heading_path, row.title)),
         "source": row.source,
         "filename": row.metadata.get("filename", ""),
         "collection": row.collection,
@@ -350,6 +350,11 @@ def _record(tenant: str, document_id: str, row: DocumentRow, chunk: Chunk, vecto
         vector=np.asarray(vector, dtype=np.float32),
         metadata=metadata,
     )
+
+
+def _below_title(path: tuple[str, ...], title: str) -> tuple[str, ...]:
+    """The heading path without a leading heading that is the title itself (a markdown '# Title')."""
+    return path[1:] if path and path[0].strip() == title.strip() else path
 
 
 def _counts(report: IngestReport) -> dict[str, int]:
