@@ -11,8 +11,8 @@ Measured (all in one run, so the ratios are fair):
   reopening the store from the snapshot; disk size of the SQLite database and of the vector snapshot;
 - queries (``--queries`` single queries, k=10): exact search with numpy over all vectors (the baseline, also the
   ground truth for recall@10), the store's vector search for each ``--ef-search``, hybrid (vector + BM25, relative-
-  score fusion) and BM25 alone, with and without max-score (baton/store/fts_bm25.py); p50/p99 latency and the
-  ratio to the exact baseline's p50. Each series starts with 20 untimed queries.
+  score fusion) and BM25 alone; p50/p99 latency and the ratio to the exact baseline's p50. Each series starts with
+  20 untimed queries.
 Goal (issue 3): vector p99 <= 20 ms with recall@10 >= 0.95 at 1 M chunks on this 2-core machine.
 
     .venv/bin/python benchmarks/bench_retrieval.py --chunks 100000          # minutes
@@ -35,7 +35,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baton.store import fts_bm25
 from baton.store.base import ChunkRecord, SearchMode, StoreQuery
 from baton.store.embedded import EmbeddedStore
 from baton.store.vector_index import IndexParams, inner_products
@@ -252,9 +251,7 @@ def main() -> None:
         return [hit.chunk_id for hit in hits]
 
     rows.append(_row(f"store hybrid (efSearch {args.ef_search[-1]})", timed(hybrid, queries)[0], baseline, None))
-    rows.append(_row("store BM25 (FTS5 + max-score)", timed(bm25, queries)[0], baseline, None))
-    fts_bm25.MAX_SCORE_MIN_ROWS = sys.maxsize  # the plain FTS5 OR query, for comparison
-    rows.append(_row("store BM25 (plain FTS5 OR query)", timed(bm25, queries)[0], baseline, None))
+    rows.append(_row("store BM25 (FTS5)", timed(bm25, queries)[0], baseline, None))
     store.close()
     print_table(
         f"Queries: {args.queries} single queries, k=10, {args.chunks:,} chunks (ratio = p50 / exact p50)",

@@ -2,9 +2,10 @@
 
 ``analyze`` turns text into index terms: Unicode word tokens, lowercased, ``ё`` folded to ``е``, stemmed per
 token by script — Cyrillic with the Russian Snowball stemmer, Latin with the English one — so a mixed Russian and
-English text is handled word by word. Numbers are kept; stop words are kept (BM25's IDF already discounts them, and
-dropping them did not help on SciFact). A backend whose own tokenizer cannot stem Russian (SQLite FTS5, Weaviate)
-indexes ``index_text(text)`` — the terms joined by spaces — and queries with ``query_terms(text)``.
+English text is handled word by word. Numbers are kept. Stop words are kept: BM25's IDF discounts them, and dropping
+them from queries did not measurably help (SciFact BM25 nDCG@10 0.689 → 0.686, XQuAD-en 0.970 → 0.972); stemming
+did (SciFact 0.669 → 0.689). A backend whose own tokenizer cannot stem Russian (SQLite FTS5, Weaviate) indexes
+``index_text(text)`` — the terms joined by spaces — and queries with ``query_terms(text)``.
 
 ``detect_language`` is deliberately cheap (script counts plus a few function words): hybrid fusion only needs to
 know whether the query is in a language the embedder covers.
@@ -97,11 +98,6 @@ def bm25_term_score(term_frequency: int, document_length: int, average_length: f
         return 0.0
     norm = BM25_K1 * (1 - BM25_B + BM25_B * document_length / average_length)
     return idf * term_frequency * (BM25_K1 + 1) / (term_frequency + norm)
-
-
-def bm25_upper_bound(idf: float) -> float:
-    """The most one term can add to any document's score (its frequency → ∞)."""
-    return idf * (BM25_K1 + 1)
 
 
 def fts5_match_expression(terms: Iterable[str]) -> str:
