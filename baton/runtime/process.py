@@ -120,6 +120,7 @@ class ServiceProcess:
             assert self.process is not None
             self.process.kill()
             self.process.wait(timeout=10)
+        self._kill_group()
         self._close_log()
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
@@ -133,8 +134,15 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self._kill_group()
         self._close_log()
         return self.process.returncode
+
+    def _kill_group(self) -> None:
+        # Engines spawn workers (vLLM's engine core) in the child's session; none may outlive it and keep memory.
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):

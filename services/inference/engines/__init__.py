@@ -1,0 +1,1 @@
+"""Inference engines behind services.inference.engine.InferenceEngine."""
