@@ -69,6 +69,7 @@ bench: setup  ## benchmarks, printed as tables of ratios against baselines measu
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_retrieval.py --chunks 100000
+	$(PY) benchmarks/bench_inference.py
 
 eval: setup  ## retrieval quality on SciFact and XQuAD-en through the whole stack (prints nDCG, recall, MRR)
 	$(PY) -m pytest -q -s -m '' tests/integration/test_retrieval_quality.py
