@@ -11,11 +11,21 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# A list setting written as "a,b,c" in the environment or a flag (not as JSON).
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
 def _default_home() -> Path:
@@ -40,6 +50,17 @@ class ServiceSettings(CommonSettings):
 
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 disables it).")
+
+
+class LeaseSettings(ServiceSettings):
+    """Settings of a service that may hold a GPU lease (``gpu_lease`` and ``scheduler_addr`` are declared by each
+    service with its own wording); this only checks that they agree."""
+
+    @model_validator(mode="after")
+    def _lease_needs_a_scheduler(self) -> LeaseSettings:
+        if getattr(self, "gpu_lease", "never") != "never" and not getattr(self, "scheduler_addr", ""):
+            raise ValueError("gpu_lease needs scheduler_addr (or set gpu_lease=never)")
+        return self
 
 
 def service_config(name: str) -> SettingsConfigDict:

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 
-from pydantic import ValidationError
-
-from baton.runtime.errors import BatonError
-from baton.runtime.logging import configure_logging
-from baton.runtime.settings import settings_from_args
+from baton.runtime.entrypoint import run_service
 from services.embedder.settings import EmbedderSettings
 
 DESCRIPTION = """\
@@ -29,18 +23,9 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        settings = settings_from_args(EmbedderSettings, argv, prog="baton serve embedder", description=DESCRIPTION)
-    except ValidationError as error:
-        sys.exit(f"baton serve embedder: invalid settings:\n{error}")
-    configure_logging("embedder", level=settings.log_level, fmt=settings.log_format)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no hub, ever
-    from services.embedder.server import serve  # heavy imports after logging is set up
-
-    try:
-        asyncio.run(serve(settings))
-    except BatonError as error:  # a configuration problem found while loading: say what to do, no traceback
-        sys.exit(f"baton serve embedder: {error.message}")
+    run_service(
+        "embedder", EmbedderSettings, argv, description=DESCRIPTION, serve="services.embedder.server:serve", models=True
+    )
 
 
 if __name__ == "__main__":

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import NoDecode
+from pydantic import Field, field_validator
 
-from baton.runtime.settings import ServiceSettings, service_config
+from baton.runtime.settings import CommaList, LeaseSettings, service_config
 
 GpuLeaseMode = Literal["auto", "always", "never"]
 
 
-class EmbedderSettings(ServiceSettings):
+class EmbedderSettings(LeaseSettings):
     model_config = service_config("embedder")
 
     grpc_port: int = Field(50061, ge=0, le=65535, description="gRPC port of the Embedder service (0 picks a free one).")
@@ -47,7 +46,7 @@ class EmbedderSettings(ServiceSettings):
     inference_threads: int = Field(
         0, ge=0, description="CPU threads for one forward pass (0 = the runtime's default: all cores)."
     )
-    languages: Annotated[list[str], NoDecode] = Field(
+    languages: CommaList = Field(
         default_factory=list,
         description="Languages the model covers, ISO 639-1, comma-separated ('*' = multilingual) [the model card's "
         "`language:` metadata]. The gateway's hybrid search gates the dense side for other languages.",
@@ -91,13 +90,6 @@ class EmbedderSettings(ServiceSettings):
         2.0, ge=0, description="Keep the lease this long after the last bulk stream closes (the next one is quick)."
     )
 
-    @field_validator("languages", mode="before")
-    @classmethod
-    def _split_languages(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @field_validator("model_path", mode="after")
     @classmethod
     def _local_folder_only(cls, value: Path | None) -> Path | None:
@@ -108,12 +100,6 @@ class EmbedderSettings(ServiceSettings):
                 "and pass its path, e.g. --model-path /models/bge-m3"
             )
         return value
-
-    @model_validator(mode="after")
-    def _lease_needs_a_scheduler(self) -> EmbedderSettings:
-        if self.gpu_lease != "never" and not self.scheduler_addr:
-            raise ValueError("gpu_lease needs scheduler_addr (or set gpu_lease=never)")
-        return self
 
     def resolved_model_path(self) -> Path:
         if self.model_path is not None:

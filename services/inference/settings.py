@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import NoDecode
+from pydantic import Field, field_validator
 
-from baton.runtime.settings import ServiceSettings, service_config
+from baton.runtime.settings import CommaList, LeaseSettings, service_config
 
 GpuLeaseMode = Literal["auto", "always", "never"]
 
 
-class InferenceSettings(ServiceSettings):
+class InferenceSettings(LeaseSettings):
     model_config = service_config("inference")
 
     grpc_port: int = Field(
@@ -66,7 +65,7 @@ class InferenceSettings(ServiceSettings):
     max_adapter_bytes: int = Field(
         2 << 30, ge=1, description="Largest adapter_model.safetensors accepted (a guard against a wrong folder)."
     )
-    load_adapters: Annotated[list[str], NoDecode] = Field(
+    load_adapters: CommaList = Field(
         default_factory=list,
         description="Adapters to load at start, as NAME=PATH (PATH inside adapter_root), comma-separated.",
     )
@@ -99,13 +98,6 @@ class InferenceSettings(ServiceSettings):
     )
     wake_on_start: bool = Field(True, description="Acquire the lease and wake at start (false: sleep until asked).")
 
-    @field_validator("load_adapters", mode="before")
-    @classmethod
-    def _split_adapters(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @field_validator("model_path", mode="after")
     @classmethod
     def _local_folder_only(cls, value: Path | None) -> Path | None:
@@ -116,12 +108,6 @@ class InferenceSettings(ServiceSettings):
                 "pass its folder, e.g. --model-path /models/Qwen3-30B-A3B"
             )
         return value
-
-    @model_validator(mode="after")
-    def _lease_needs_a_scheduler(self) -> InferenceSettings:
-        if self.gpu_lease != "never" and not self.scheduler_addr:
-            raise ValueError("gpu_lease needs scheduler_addr (or set gpu_lease=never)")
-        return self
 
     def resolved_adapter_root(self) -> Path:
         return (self.adapter_root or self.home / "adapters").resolve()

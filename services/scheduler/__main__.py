@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from baton.runtime.logging import configure_logging
-from baton.runtime.settings import settings_from_args
+from baton.runtime.entrypoint import run_service
 from services.scheduler.settings import SchedulerSettings
 
 DESCRIPTION = """\
@@ -21,11 +19,7 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_args(SchedulerSettings, argv, prog="baton serve scheduler", description=DESCRIPTION)
-    configure_logging("scheduler", level=settings.log_level, fmt=settings.log_format)
-    from services.scheduler.server import serve  # heavy imports after logging is set up
-
-    asyncio.run(serve(settings))
+    run_service("scheduler", SchedulerSettings, argv, description=DESCRIPTION, serve="services.scheduler.server:serve")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ async def test_kill_9_of_the_service_frees_its_lease_within_the_ttl(
 ) -> None:
     scheduler = start_scheduler("--ttl-s", str(TTL_S))
     service = InferenceHandle(engine, tmp_path / "inference", tiny_llm, adapter_registry.root, scheduler)
-    await asyncio.to_thread(service.start)  # it waits for AWAKE with its own event loop
     try:
+        await asyncio.to_thread(service.start)  # it waits for AWAKE with its own event loop
         async with LeaseClient(scheduler.target) as leases:
             state = await leases.gpu_state()
             [holder] = state.holders
