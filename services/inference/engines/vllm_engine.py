@@ -318,6 +318,9 @@ class VllmEngine:
         except EngineDeadError as error:
             raise _engine_dead() from error
         except Exception as error:  # the engine core reports a failed load as a plain Exception with its message
+            # vLLM keeps the id of an adapter whose weights did not fit: drop it, or it holds a cache place for good.
+            with contextlib.suppress(Exception):
+                await engine.remove_lora(slot.slot_id)
             raise InvalidArgument(
                 f"vLLM rejected adapter {slot.name!r} ({slot.path}): {error}. Check that it was trained on this base "
                 f"model and that its rank is at most {self._config.max_lora_rank}.",
