@@ -156,7 +156,8 @@ def vllm_processes() -> set[int]:
 
 
 async def wait_vllm_processes_gone(pids: set[int]) -> None:
-    deadline = time.monotonic() + 10
+    # Generous: on two busy cores an exiting engine core can take many seconds to be reaped.
+    deadline = time.monotonic() + 45
     while left := pids & vllm_processes():
         assert time.monotonic() < deadline, f"vLLM processes left behind: {left}"
         await asyncio.sleep(0.1)
