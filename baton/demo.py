@@ -121,11 +121,11 @@ DEMO_QUERIES = [
 ]
 
 
-def _memory_part(gateway_url: str) -> None:
+def _memory_part(gateway_url: str, api_key: str) -> None:
     from baton.clients.gateway import GatewayClient
 
-    print(f"1. memory: ingest {EXAMPLE_NOTES} (md, html, txt; Russian and English)")
-    with GatewayClient(gateway_url, tenant="demo") as client:
+    print(f"1. memory: ingest {EXAMPLE_NOTES} (md, html, txt; Russian and English) as the user `me`")
+    with GatewayClient(gateway_url, api_key=api_key) as client:
         job = client.start_folder_ingest(EXAMPLE_NOTES)
         job = client.follow_job(str(job["id"]), lambda _: None, poll_s=0.2)
         report = job["report"]
@@ -153,7 +153,8 @@ def run_demo(home: Path | None = None) -> None:
     print("0. starting scheduler, embedder (MiniLM, offline) and gateway as local processes")
     stack.up(on_started=lambda p, s: print(f"   {p.name:<10} healthy after {s:.1f} s"))
     try:
-        _memory_part(ports.gateway_url)
+        assert stack.api_key is not None  # up() wrote it
+        _memory_part(ports.gateway_url, stack.api_key)
         print(f"\n3. the GPU lease: training yields to a chat and resumes (scheduler 127.0.0.1:{ports.scheduler})\n")
         asyncio.run(_run(f"127.0.0.1:{ports.scheduler}"))
     finally:

@@ -2,6 +2,10 @@
 
 Each service is a child process in its own session with its log in ``$BATON_HOME/logs/``; ``$BATON_HOME/run/
 stack.json`` records pids and addresses so that ``baton down`` (or another shell) can find them.
+
+Keys: the first ``up`` writes an admin key to ``$BATON_HOME/admin.key`` (the gateway reads it there) and, once the
+gateway answers, creates the user ``me`` and writes its key to ``$BATON_HOME/api.key``, which the CLI uses; both
+0600. Later ``up``s reuse them (and replace ``api.key`` if it no longer works, e.g. after the catalog was deleted).
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from baton.clients.gateway import ADMIN_KEY_FILE, API_KEY_FILE, GatewayClient, read_secret, write_secret
+from baton.runtime.errors import Unauthenticated
 from baton.runtime.process import ServiceProcess
+
+DEFAULT_USER = "me"
+# Memory stored before API keys existed (requests without an X-Baton-Tenant header) is in the tenant "default";
+# binding `me` to it keeps that memory visible.
+DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class Stack:
         self.home = home
         self.ports = ports
         self.processes = stack_processes(home, ports, allowed_roots=allowed_roots)
+        self.api_key: str | None = None  # the user `me`'s key, once up() has run
 
     @property
     def state_file(self) -> Path:
@@ -82,12 +94,14 @@ class Stack:
 
     def up(self, *, on_started: Callable[[ServiceProcess, float], None] | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        admin_key = ensure_admin_key(self.home)  # before the gateway starts: it reads the file at start-up
         try:
             for process in self.processes:
                 started = time.monotonic()
                 process.start(wait_healthy_s=180)
                 if on_started is not None:
                     on_started(process, time.monotonic() - started)
+            self.api_key = ensure_default_user(self.home, self.ports.gateway_url, admin_key)
         except Exception:
             self.down()
             raise
@@ -99,6 +113,42 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
         self.state_file.unlink(missing_ok=True)
+
+
+def ensure_admin_key(home: Path) -> str:
+    """The gateway's admin key: BATON_GATEWAY_ADMIN_KEY if set, else BATON_HOME/admin.key (created on first use)."""
+    from services.gateway.auth import new_admin_key
+
+    explicit = os.environ.get("BATON_GATEWAY_ADMIN_KEY", "").strip()
+    if explicit:
+        return explicit
+    path = home / ADMIN_KEY_FILE
+    key = read_secret(path)
+    if key is None:
+        key = new_admin_key()
+        write_secret(path, key)
+    return key
+
+
+def ensure_default_user(home: Path, gateway_url: str, admin_key: str) -> str:
+    """The key of the user ``me`` in BATON_HOME/api.key: kept while it works, else (re)issued with the admin key."""
+    path = home / API_KEY_FILE
+    key = read_secret(path)
+    if key is not None and _key_works(gateway_url, key):
+        return key
+    with GatewayClient(gateway_url, api_key=admin_key, timeout_s=30) as admin:
+        key = str(admin.ensure_user_key(DEFAULT_USER, tenant=DEFAULT_TENANT, label="baton up")["key"])
+    write_secret(path, key)
+    return key
+
+
+def _key_works(gateway_url: str, key: str) -> bool:
+    with GatewayClient(gateway_url, api_key=key, timeout_s=30) as client:
+        try:
+            client.me()
+        except Unauthenticated:
+            return False
+    return True
 
 
 def stop_recorded_stack(home: Path, *, timeout_s: float = 20.0) -> list[str]:

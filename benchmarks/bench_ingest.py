@@ -104,7 +104,7 @@ def main() -> None:
         stack.up()
         metrics_url = f"http://127.0.0.1:{ports.embedder_http}/metrics"
         try:
-            with GatewayClient(ports.gateway_url, tenant="bench") as client:
+            with GatewayClient(ports.gateway_url, api_key=stack.api_key) as client:
                 busy_before = embedder_busy_s(metrics_url)
                 started = time.monotonic()
                 job = client.follow_job(str(client.start_folder_ingest(corpus)["id"]), lambda _: None)

@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.store",
     "tests.fixtures.gateway",
     "tests.fixtures.inference",
+    "tests.fixtures.trainer",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ SERVICES: dict[str, str] = {
     "scheduler": "services.scheduler.__main__",
     "embedder": "services.embedder.__main__",
     "inference": "services.inference.__main__",
+    "trainer": "services.trainer.__main__",
     "gateway": "services.gateway.__main__",
 }
 
@@ -26,11 +27,17 @@ examples:
   baton ingest ~/notes                    turn a folder into memory (progress bar; re-runs only do changes)
   baton search "что такое свобода"        hybrid search with citations
   baton eval retrieval --beir ../shared/data/scifact   nDCG@10, recall, MRR per search mode
+  baton train notes.jsonl --name views --base-model M   train a QLoRA adapter (progress bar); baton adapters
+  baton users create alice                create a user (own tenant) and print its API key (admin key needed)
+  baton users keys alice                  issue alice another key (--list: her keys); baton users list
 
 environment:
   BATON_HOME            state directory shared by all services (default ./var)
   BATON_SCHEDULER_ADDR  where `baton gpu` finds the scheduler (default 127.0.0.1:50060)
   BATON_GATEWAY_URL     where the memory commands find the gateway (default http://127.0.0.1:8000)
+  BATON_TRAINER_ADDR    where `baton train` finds the trainer (default 127.0.0.1:50063)
+  BATON_API_KEY         your API key (default: BATON_HOME/api.key, the user `me`'s key written by `baton up`)
+  BATON_GATEWAY_ADMIN_KEY  the admin key for `baton users` (default: BATON_HOME/admin.key, written by `baton up`)
 """
 
 
@@ -50,6 +57,8 @@ def _up(args: argparse.Namespace) -> None:
     print(f"starting baton in {home} (logs in {home / 'logs'})")
     stack.up(on_started=lambda p, s: print(f"  {p.name:<10} healthy after {s:.1f} s"))
     print(f"gateway: {stack.ports.gateway_url}  (API docs: {stack.ports.gateway_url}/docs); stop with: baton down")
+    print(f"your API key (user me): {home / 'api.key'} — the baton CLI uses it; OpenAI clients: api_key=$(cat it)")
+    print(f"admin key: {home / 'admin.key'} — for `baton users create NAME` (each user gets its own tenant)")
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -70,6 +79,7 @@ def _settings(args: argparse.Namespace) -> None:
         "scheduler": "services.scheduler.settings:SchedulerSettings",
         "embedder": "services.embedder.settings:EmbedderSettings",
         "inference": "services.inference.settings:InferenceSettings",
+        "trainer": "services.trainer.settings:TrainerSettings",
         "gateway": "services.gateway.settings:GatewaySettings",
     }
     for service in args.services or list(classes):
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(run=_down)
 
     settings = commands.add_parser("settings", help="every setting of every service, as markdown tables")
-    settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "inference", "gateway"])
+    settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "inference", "trainer", "gateway"])
     settings.set_defaults(run=_settings)
 
     demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")
@@ -149,16 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu.set_defaults(run=_gpu)
 
-    from baton.cli import memory
+    from baton.cli import memory, train, users
 
     memory.register(commands)
+    train.register(commands)
+    users.register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from baton.runtime.errors import BatonError, Unauthenticated
+
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
-    run(args)
+    try:
+        run(args)
+    except Unauthenticated as error:
+        # The gateway's message says how to get a key; add where the CLI looked for one.
+        sys.exit(f"baton {args.command}: {error.message}\n(the CLI reads BATON_API_KEY, else BATON_HOME/api.key)")
+    except BatonError as error:
+        sys.exit(f"baton {args.command}: {error.message}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from baton.clients.gateway import GatewayClient
+from baton.clients.gateway import GatewayClient, default_admin_key
 from baton.runtime.errors import PermissionDenied
 
 DEFAULT_GATEWAY = os.environ.get("BATON_GATEWAY_URL", "http://127.0.0.1:8000")
@@ -17,15 +17,15 @@ UPLOAD_BATCH = 32
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    # No key flag: a secret on the command line is visible to every user of the machine (ps); see BATON_API_KEY.
     parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway URL [env BATON_GATEWAY_URL]")
-    parser.add_argument("--tenant", default=os.environ.get("BATON_TENANT"), help="tenant [env BATON_TENANT]")
 
 
 def ingest(args: argparse.Namespace) -> None:
     folder = Path(args.folder).expanduser().resolve()
     if not folder.is_dir():
         raise SystemExit(f"baton ingest: {folder} is not a folder")
-    with GatewayClient(args.gateway, tenant=args.tenant) as client:
+    with GatewayClient(args.gateway) as client:
         try:
             job = client.start_folder_ingest(folder, collection=args.collection)
         except PermissionDenied as refused:
@@ -76,7 +76,7 @@ def _summarise(report: dict[str, Any], error: object) -> None:
 
 
 def search(args: argparse.Namespace) -> None:
-    with GatewayClient(args.gateway, tenant=args.tenant) as client:
+    with GatewayClient(args.gateway) as client:
         result = client.search(args.query, k=args.k, mode=args.mode, collection=args.collection)
     if not result["hits"]:
         print("no hits (is anything ingested? baton ingest DIR)")
@@ -92,12 +92,23 @@ def eval_retrieval(args: argparse.Namespace) -> None:
     from baton.beir import BeirDataset, evaluate, upload_corpus
 
     dataset = BeirDataset.load(Path(args.beir), max_queries=args.max_queries)
-    tenant = args.tenant or f"eval-{dataset.name}"
-    print(f"{dataset.name}: {len(dataset.corpus)} documents, {len(dataset.queries)} queries (tenant {tenant})")
-    with GatewayClient(args.gateway, tenant=tenant) as client:
-        with tqdm(total=len(dataset.corpus), desc="ingest", unit="doc", dynamic_ncols=True) as bar:
-            upload_corpus(client, dataset, bar.update)
-        rows = [evaluate(client, dataset, mode) for mode in args.modes.split(",")]
+    user = args.user or f"eval-{dataset.name}"
+    print(f"{dataset.name}: {len(dataset.corpus)} documents, {len(dataset.queries)} queries (user and tenant {user})")
+    # The dataset gets a tenant of its own (the scores assume nothing else is in it), so this is an admin's job:
+    # a key issued for this run and revoked after it.
+    admin_key = default_admin_key()
+    if admin_key is None:
+        raise SystemExit("baton eval: needs the admin key (BATON_GATEWAY_ADMIN_KEY or BATON_HOME/admin.key) to "
+                         "give the dataset a tenant of its own")  # fmt: skip
+    with GatewayClient(args.gateway, api_key=admin_key) as admin:
+        issued = admin.ensure_user_key(user, tenant=user, label="baton eval")
+        try:
+            with GatewayClient(args.gateway, api_key=str(issued["key"])) as client:
+                with tqdm(total=len(dataset.corpus), desc="ingest", unit="doc", dynamic_ncols=True) as bar:
+                    upload_corpus(client, dataset, bar.update)
+                rows = [evaluate(client, dataset, mode) for mode in args.modes.split(",")]
+        finally:
+            admin.revoke_key(user, str(issued["id"]))
     print(f"\n{'mode':<8}{'nDCG@10':>10}{'recall@10':>12}{'recall@100':>12}{'MRR@10':>10}")
     for row in rows:
         print(f"{row.mode:<8}{row.ndcg_at_10:>10.4f}{row.recall_at_10:>12.4f}{row.recall_at_100:>12.4f}"
@@ -125,5 +136,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--beir", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
     retrieval.add_argument("--modes", default="bm25,vector,hybrid", help="comma-separated search modes")
     retrieval.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
+    retrieval.add_argument("--user", default=None, help="user and tenant that holds the dataset [eval-<dataset>]")
     add_gateway_flags(retrieval)
     retrieval.set_defaults(run=eval_retrieval)

@@ -1,10 +1,13 @@
 """A small, typed HTTP client of the gateway: what the ``baton`` command line is made of.
 
 Errors come back as the same domain errors the gateway raised (matched on ``reason`` and status, never on text).
+The API key: the one given, else ``BATON_API_KEY``, else the key ``baton up`` wrote for the user ``me``
+(``BATON_HOME/api.key``). Key files are written 0600, like ssh keys.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,9 +31,50 @@ _BY_STATUS: dict[int, type[errors.BatonError]] = {
 }
 
 
+API_KEY_FILE = "api.key"
+ADMIN_KEY_FILE = "admin.key"
+
+
+def baton_home() -> Path:
+    return Path(os.environ.get("BATON_HOME", "var"))
+
+
+def read_secret(path: Path) -> str | None:
+    """A key file's content, or None when there is no such file."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write a key file readable by its owner only (0600 from the first byte), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (secret + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def default_api_key() -> str | None:
+    """BATON_API_KEY, else the key `baton up` wrote for the default user (BATON_HOME/api.key)."""
+    return os.environ.get("BATON_API_KEY", "").strip() or read_secret(baton_home() / API_KEY_FILE)
+
+
+def default_admin_key() -> str | None:
+    """BATON_GATEWAY_ADMIN_KEY (the gateway's own setting), else BATON_HOME/admin.key (written by `baton up`)."""
+    return os.environ.get("BATON_GATEWAY_ADMIN_KEY", "").strip() or read_secret(baton_home() / ADMIN_KEY_FILE)
+
+
 class GatewayClient:
-    def __init__(self, base_url: str, *, tenant: str | None = None, timeout_s: float = 600.0) -> None:
-        headers = {"X-Baton-Tenant": tenant} if tenant else {}
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        self.api_key = api_key if api_key is not None else default_api_key()
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
@@ -87,6 +131,47 @@ class GatewayClient:
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health")
 
+    def me(self) -> dict[str, Any]:
+        """Who this client's key is: {admin, user, tenant, key_id}."""
+        return self._call("GET", "/v1/me")
+
+    # ---------------------------------------------------------------------------------------------- users (admin key)
+
+    def create_user(self, name: str, *, tenant: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/v1/users", json={"name": name, "tenant": tenant})
+
+    def users(self, *, limit: int = 1000, offset: int = 0) -> dict[str, Any]:
+        return self._call("GET", "/v1/users", params={"limit": limit, "offset": offset})
+
+    def user(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/users/{name}")
+
+    def delete_user(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/users/{name}")
+
+    def create_key(self, user: str, *, label: str = "") -> dict[str, Any]:
+        """A new key for ``user``; its secret is in ``["key"]``, and only in this answer."""
+        return self._call("POST", f"/v1/users/{user}/keys", json={"label": label})
+
+    def keys(self, user: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/users/{user}/keys")
+
+    def revoke_key(self, user: str, key_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/users/{user}/keys/{key_id}")
+
+    def ensure_user_key(self, name: str, *, tenant: str | None = None, label: str = "") -> dict[str, Any]:
+        """A new key for user ``name`` (``["key"]`` is the secret, ``["id"]`` its id), creating the user (bound to
+        ``tenant``) if it does not exist yet."""
+        try:
+            self.create_user(name, tenant=tenant)
+        except errors.AlreadyExists:
+            bound = self.user(name)["tenant"]
+            if tenant is not None and bound != tenant:
+                raise errors.FailedPrecondition(
+                    f"user {name!r} exists, bound to tenant {bound!r} rather than {tenant!r}", reason="TENANT_MISMATCH"
+                ) from None
+        return self.create_key(name, label=label)
+
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -104,6 +189,10 @@ def error_from_response(response: httpx.Response) -> errors.BatonError:
         body = response.json()
     except ValueError:
         body = {"error": response.text or response.reason_phrase}
+    if isinstance(body.get("error"), dict):  # OpenAI's shape (chat, models): {"error": {"message", "code", ...}}
+        nested = body["error"]
+        body = {"error": nested.get("message", ""), "reason": str(nested.get("code") or "").upper() or None,
+                "details": nested.get("details") or body.get("details")}  # fmt: skip
     cls = _BY_STATUS.get(response.status_code, errors.Internal)
     reason = body.get("reason")
     for candidate in _subclasses(cls):

@@ -167,11 +167,17 @@ class InferenceClient:
         return await self._call(self.stub.Tokenize, request)
 
     async def count_tokens(
-        self, texts: Sequence[str], *, chat: Sequence[tuple[str, str]] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        chat: Sequence[tuple[str, str]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> pb.InferenceCountTokensResponse:
+        """Token counts of ``texts`` (as fragments of a prompt) and of ``chat`` rendered as Generate would render
+        it — pass the same ``template_kwargs`` as to Generate (e.g. Qwen3's enable_thinking changes the prompt)."""
         request = pb.InferenceCountTokensRequest(texts=list(texts))
         if chat is not None:
-            request.chat.CopyFrom(chat_input(chat, template_kwargs=None))
+            request.chat.CopyFrom(chat_input(chat, template_kwargs=template_kwargs))
         return await self._call(self.stub.CountTokens, request)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: object) -> T:

@@ -15,13 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from baton.runtime.errors import BatonError, EmptyInput, Internal, InvalidArgument, NotFound
+from baton.runtime.errors import BatonError, EmptyInput, Internal, InvalidArgument, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 
 
 def error_response(error: BatonError) -> JSONResponse:
     headers = {}
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="baton"'  # RFC 9110: a 401 names the scheme it wants
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return JSONResponse(status_code=error.http_status, content=error.to_json(), headers=headers)

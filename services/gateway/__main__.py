@@ -10,7 +10,8 @@ from services.gateway.settings import GatewaySettings
 
 DESCRIPTION = """\
 The gateway: baton's only public port. Upload documents or ingest a folder into memory, search it with
-citations, embed texts (OpenAI shape). Needs the embedder service (BATON_GATEWAY_EMBEDDER_ADDR).
+citations, embed texts, and chat with cited answers (OpenAI-compatible). Needs the embedder service
+(BATON_GATEWAY_EMBEDDER_ADDR); chat and /v1/models need the inference service (BATON_GATEWAY_INFERENCE_ADDR).
 
 examples:
   python -m services.gateway --port 8000 --embedder-addr 127.0.0.1:50061

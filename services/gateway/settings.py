@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from baton.runtime.settings import CommonSettings, service_config
+from services.gateway.auth import check_admin_key
 
 
 class GatewaySettings(CommonSettings):
@@ -34,6 +35,29 @@ class GatewaySettings(CommonSettings):
     chunk_overlap_tokens: int = Field(64, ge=0, description="Tokens shared by neighbouring chunks.")
     ingest_concurrency: int = Field(4, ge=1, le=64, description="Documents processed at once during ingest.")
     max_search_k: int = Field(1000, ge=1, description="Largest k a search may ask for.")
+    inference_addr: str = Field(
+        "127.0.0.1:50062", description="gRPC address of the inference service (chat and /v1/models)."
+    )
+    chat_rag: bool = Field(
+        True, description="Chat answers from the tenant's memory unless a request sets baton.rag=false."
+    )
+    chat_k: int = Field(8, ge=1, le=1000, description="Chunks retrieved per chat question (a request's baton.k wins).")
+    chat_answer_tokens: int = Field(
+        512,
+        ge=1,
+        description="Tokens kept free for the answer when packing sources and a request sets no max_tokens "
+        "(at most half the context).",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="The admin API key (creates users and keys; at least 32 random characters). Overrides "
+        "admin_key_file.",
+    )
+    admin_key_file: Path | None = Field(
+        None,
+        description="File holding the admin key [home/admin.key, written by `baton up`]; with neither a key nor "
+        "the file, users and keys cannot be managed.",
+    )
 
     @field_validator("allowed_roots", mode="before")
     @classmethod
@@ -41,6 +65,17 @@ class GatewaySettings(CommonSettings):
         if isinstance(value, str):
             return [part for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _refuse_weak_admin_key(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or raw == "":
+            return None  # an empty variable means unset
+        return check_admin_key(str(raw))
+
+    def resolved_admin_key_file(self) -> Path:
+        return self.admin_key_file or self.home / "admin.key"
 
     def resolved_store_path(self) -> Path:
         return self.store_path or self.home / "store"

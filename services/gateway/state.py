@@ -8,11 +8,14 @@ import time
 from dataclasses import dataclass
 
 from baton.clients.embedder import EmbedderClient, RemoteTokenizer
+from baton.clients.inference import InferenceClient
 from baton.runtime.errors import BatonError, Unavailable
 from baton.runtime.logging import log_event
 from baton.store.base import VectorStore
 from baton.store.embedded import EmbeddedStore
+from services.gateway.auth import KeyStore, load_admin_key
 from services.gateway.catalog import Catalog
+from services.gateway.chat.service import ChatService
 from services.gateway.ingest.chunker import ChunkingConfig
 from services.gateway.ingest.pipeline import IngestLimits, IngestPipeline
 from services.gateway.jobs import IngestJobs
@@ -32,9 +35,13 @@ class GatewayState:
     retriever: Retriever
     jobs: IngestJobs
     embedder_model: str
+    auth: KeyStore
+    inference: InferenceClient
+    chat: ChatService
 
     @classmethod
     async def open(cls, settings: GatewaySettings, *, embedder_wait_s: float = 120.0) -> GatewayState:
+        auth = open_key_store(settings)  # first: a bad admin key is a configuration error, reported at once
         embedder = EmbedderClient(settings.embedder_addr)
         info = await _wait_for_embedder(embedder, embedder_wait_s)
         tokenizer = await RemoteTokenizer.create(embedder)
@@ -45,7 +52,8 @@ class GatewayState:
         catalog = Catalog(settings.resolved_catalog_path())
         store = EmbeddedStore(settings.resolved_store_path())
         limits = IngestLimits(settings.max_document_bytes, settings.ingest_concurrency)
-        pipeline = IngestPipeline(catalog, store, embedder, tokenizer, chunking, limits)
+        # Cleaned texts for the trainer (documents datasets): BATON_HOME/texts/<content_hash>.txt.
+        pipeline = IngestPipeline(catalog, store, embedder, tokenizer, chunking, limits, settings.home / "texts")
         retriever = Retriever(store, embedder, list(info.languages), settings.max_search_k)
         log_event(
             log,
@@ -56,13 +64,29 @@ class GatewayState:
             store=settings.resolved_store_path(),
         )
         jobs = IngestJobs(catalog, pipeline)
-        return cls(settings, catalog, store, embedder, pipeline, retriever, jobs, info.model_id)
+        # Not awaited here: the gateway serves memory without the inference service; chat says 503 until it answers.
+        inference = InferenceClient(settings.inference_addr)
+        chat = ChatService(inference, retriever, answer_tokens=settings.chat_answer_tokens)
+        return cls(settings, catalog, store, embedder, pipeline, retriever, jobs, info.model_id, auth, inference, chat)
 
     async def close(self) -> None:
         await self.jobs.close()
         await self.embedder.close()
+        await self.inference.close()
         self.store.close()
         self.catalog.close()
+        self.auth.close()
+
+
+def open_key_store(settings: GatewaySettings) -> KeyStore:
+    """Users and keys live beside the documents in the catalog's SQLite file (their own tables)."""
+    secret = settings.admin_key.get_secret_value() if settings.admin_key else None
+    key_file = settings.resolved_admin_key_file()
+    admin_key = load_admin_key(secret, key_file, file_required=settings.admin_key_file is not None)
+    if admin_key is None:
+        log_event(log, "auth.no_admin_key", level=logging.WARNING, looked_in=key_file,
+                  hint="users and keys cannot be managed; set BATON_GATEWAY_ADMIN_KEY or write that file")  # fmt: skip
+    return KeyStore(settings.resolved_catalog_path(), admin_key)
 
 
 async def _wait_for_embedder(embedder: EmbedderClient, wait_s: float):  # noqa: ANN202 (proto message type)

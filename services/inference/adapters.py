@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from baton.runtime.errors import InvalidArgument, NotFound
+from baton.runtime.files import safetensors_header
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "baton-adapter.json"  # written by baton's trainer: version, data hash, losses
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_MAX_HEADER_BYTES = 100 << 20
 
 
 @dataclass(frozen=True)
@@ -200,13 +199,9 @@ def _read_config(path: Path, path_text: str) -> dict[str, Any]:
 def _safetensors_shapes(path: Path, path_text: str) -> dict[str, list[int]]:
     """Tensor shapes from the safetensors header (8-byte length + JSON), without reading the weights."""
     try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > _MAX_HEADER_BYTES:
-                raise ValueError(f"header of {length} bytes")
-            header = json.loads(handle.read(length))
+        header = safetensors_header(path)
         return {key: list(value["shape"]) for key, value in header.items() if key != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(
             f"adapter {path_text!r}: {WEIGHTS_FILE} is not a readable safetensors file ({error})",
             reason="ADAPTER_REJECTED",

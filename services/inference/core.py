@@ -406,8 +406,7 @@ class InferenceCore:
                 )
             slot = AdapterSlot(self._next_slot_id, name, files.path, files.rank)
             self._next_slot_id += 1
-            async with self.lifecycle.engine_lock:
-                await self.engine.add_adapter(slot)
+            await self.lifecycle.add_adapter(slot)
             entry = AdapterEntry(name, files, slot, loaded_unix_s=time.time())
             self.adapters[name] = entry  # one assignment: new requests see either the old entry or the new one
             if current is not None:
@@ -445,8 +444,7 @@ class InferenceCore:
             self._spawn(self._remove_from_engine(entry))
 
     async def _remove_from_engine(self, entry: AdapterEntry) -> None:
-        async with self.lifecycle.engine_lock:
-            await self.engine.remove_adapter(entry.slot)
+        await self.lifecycle.remove_adapter(entry.slot)
 
     def adapter_resident(self) -> bool:
         return self.lifecycle.state == ServiceState.AWAKE

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from baton.runtime.errors import BatonError, FailedPrecondition, ResourceExhausted, Unavailable
 from baton.runtime.logging import log_event
-from services.inference.engine import InferenceEngine
+from services.inference.engine import AdapterSlot, InferenceEngine
 from services.inference.metrics import InferenceMetrics
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ class Lifecycle:
         self._idle.set()
         self._changed = asyncio.Event()
         self._engine_started = False
+        self._pending_adapters: dict[int, AdapterSlot] = {}  # loaded before the engine's first start
         self._engine_lock = asyncio.Lock()  # start/sleep/wake/adapter changes never overlap in the engine
         self._transition = asyncio.Lock()  # one wake or sleep at a time
         self._wake_task: asyncio.Task[WakeOutcome] | None = None
@@ -173,10 +174,6 @@ class Lifecycle:
             raise Unavailable("the inference service is still loading; retry shortly", retry_after_s=5.0)
         if self.state == ServiceState.FAILED:
             raise Unavailable(f"the inference engine failed: {self.message}; see the service log", reason="FAILED")
-
-    @property
-    def engine_lock(self) -> asyncio.Lock:
-        return self._engine_lock
 
     @property
     def idle_s(self) -> float:
@@ -363,9 +360,30 @@ class Lifecycle:
         async with self._engine_lock:
             if self._engine_started:
                 await self.engine.wake()
+                return
+            await self.engine.start()
+            self._engine_started = True
+            pending, self._pending_adapters = self._pending_adapters, {}
+            for slot in pending.values():
+                try:
+                    await self.engine.add_adapter(slot)
+                except BatonError as error:  # validated already; a refusal now is logged, the rest still serve
+                    log_event(log, "inference.adapter_dropped", level=logging.ERROR, name=slot.name, why=error.message)
+
+    async def add_adapter(self, slot: AdapterSlot) -> None:
+        """Put an adapter into the engine, or keep it for the engine's first start (it starts on the first wake)."""
+        async with self._engine_lock:
+            if self._engine_started:
+                await self.engine.add_adapter(slot)
             else:
-                await self.engine.start()
-                self._engine_started = True
+                self._pending_adapters[slot.slot_id] = slot
+
+    async def remove_adapter(self, slot: AdapterSlot) -> None:
+        async with self._engine_lock:
+            if self._engine_started:
+                await self.engine.remove_adapter(slot)
+            else:
+                self._pending_adapters.pop(slot.slot_id, None)
 
     # ---------------------------------------------------------------------------------------------- sleep
 

@@ -7,9 +7,10 @@ crash the restarted scheduler knows every lease that may still be in use and nev
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Literal
 
+from baton.runtime.sqlite import Durability, open_database, transaction
 from services.scheduler.model import LeaseKind, LeaseRef, LeaseSpec, StoredLease
 
 SCHEMA_VERSION = 1
@@ -35,24 +36,13 @@ CREATE TABLE IF NOT EXISTS held_leases (
 );
 """
 
-Durability = Literal["FULL", "NORMAL"]
-
 
 class LeaseStore:
     """SQLite-backed store. ``durability="FULL"`` survives power loss; ``NORMAL`` survives process crashes."""
 
     def __init__(self, path: Path, *, durability: Durability = "FULL") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The scheduler's event loop is the only writer; autocommit mode plus explicit BEGIN IMMEDIATE blocks.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={durability}")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path} was written by a newer baton (schema {version} > {SCHEMA_VERSION})")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # One writer (the service's event loop); transactions are explicit BEGIN IMMEDIATE blocks.
+        self._db = open_database(path, _SCHEMA, SCHEMA_VERSION, durability=durability)
 
     def current_epoch(self) -> int:
         return int(self._db.execute("SELECT value FROM counters WHERE name = 'epoch'").fetchone()[0])
@@ -113,16 +103,5 @@ class LeaseStore:
     def close(self) -> None:
         self._db.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)

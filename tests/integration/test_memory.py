@@ -217,7 +217,7 @@ def test_bad_uploads_get_clear_4xx_and_leave_the_index_unchanged(
         response = httpx.post(
             f"{gateway_service.url}/v1/documents",
             files=[("files", (name, data))],
-            headers={"X-Baton-Tenant": tenant_client._http.headers["X-Baton-Tenant"]},
+            headers={"Authorization": f"Bearer {tenant_client.api_key}"},
         )
         assert response.status_code == status, (name, response.text)
         body = response.json()
@@ -232,7 +232,11 @@ def test_upload_over_the_request_limit_is_refused_before_reading(
     with huge.open("wb") as handle:
         handle.truncate(200 * 1024 * 1024)  # 200 MB (sparse), over the 20 MB upload limit of the test gateway
     with huge.open("rb") as handle:
-        response = httpx.post(f"{gateway_service.url}/v1/documents", files=[("files", ("huge.txt", handle))])
+        response = httpx.post(
+            f"{gateway_service.url}/v1/documents",
+            files=[("files", ("huge.txt", handle))],
+            headers={"Authorization": f"Bearer {tenant_client.api_key}"},
+        )
     assert response.status_code == 413 and response.json()["reason"] == "UPLOAD_TOO_LARGE"
 
 
@@ -282,15 +286,14 @@ def test_paths_outside_the_allowed_roots_are_refused(gateway_service: GatewayHan
     ],
 )
 def test_bad_searches_get_clear_4xx(gateway_service: GatewayHandle, body: dict, status: int, reason: str) -> None:
-    response = httpx.post(f"{gateway_service.url}/v1/search", json=body)
+    response = httpx.post(f"{gateway_service.url}/v1/search", json=body, headers=gateway_service.headers("bad-input"))
     assert response.status_code == status, response.text
     assert response.json()["reason"] == reason
 
 
 def test_malformed_json_and_unknown_routes(gateway_service: GatewayHandle) -> None:
-    response = httpx.post(
-        f"{gateway_service.url}/v1/search", content=b"{not json", headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": "application/json"} | gateway_service.headers("bad-input")
+    response = httpx.post(f"{gateway_service.url}/v1/search", content=b"{not json", headers=headers)
     assert response.status_code in (400, 422) and "error" in response.json()
     assert httpx.get(f"{gateway_service.url}/v1/nothing-here").json()["error_type"] == "not_found"
 
@@ -304,7 +307,7 @@ def test_openapi_documents_every_route(gateway_service: GatewayHandle) -> None:
 
 
 def test_embeddings_proxy_speaks_openai(gateway_service: GatewayHandle) -> None:
-    client = openai.OpenAI(base_url=f"{gateway_service.url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{gateway_service.url}/v1", api_key=gateway_service.key("embeddings"))
     result = client.embeddings.create(model="minilm", input=["eating food", "eating bread", "stock market fell"])
     vectors = [item.embedding for item in result.data]
     assert len(vectors) == 3 and len(vectors[0]) == 384

@@ -299,3 +299,11 @@ async def test_too_many_adapters_and_missing_files() -> None:
     with pytest.raises(NotFound):
         await core.load_adapter("a", "missing", replace=True)
     assert sorted(core.adapters) == ["a", "b"]
+
+
+async def test_adapters_loaded_before_the_engine_starts_are_added_when_it_starts() -> None:
+    core, _, _, log = make_core()
+    await core.load_adapter("early", "early", replace=False)  # e.g. --load-adapters at start-up
+    assert log == [] and core.lifecycle.state == ServiceState.SLEEPING, "no engine, no lease yet"
+    assert (await run(core, "early"))[0] == "<100><101><102>"
+    assert log[:3] == ["grant:1", "start", "add:1"]

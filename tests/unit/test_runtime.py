@@ -96,6 +96,7 @@ def test_json_logs_are_one_object_per_line_with_fields(capsys: pytest.CaptureFix
         "services.scheduler.settings:SchedulerSettings",
         "services.embedder.settings:EmbedderSettings",
         "services.inference.settings:InferenceSettings",
+        "services.trainer.settings:TrainerSettings",
         "services.gateway.settings:GatewaySettings",
     ],
 )

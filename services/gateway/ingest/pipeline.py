@@ -5,6 +5,10 @@ clean; (3) if another document of the tenant has the same cleaned content, recor
 nothing; (4) chunk with the embedder's tokenizer, embed, and swap the document's chunks in the store atomically;
 (5) write the catalog row. A crash between (4) and (5) only means the next run redoes the document. Documents are
 processed a few at a time so that the embedder's dynamic batcher can merge their chunks into full batches.
+
+With a ``texts_dir`` (BATON_HOME/texts), each document's cleaned text is also kept there as ``<content_hash>.txt``
+before its catalog row is written, so the trainer can train on exactly the text that was indexed. The files are
+content-addressed (written once, atomically; duplicates share one) and are never rewritten.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +121,7 @@ class IngestPipeline:
         tokenizer: Tokenizer,
         chunking: ResolvedChunking,
         limits: IngestLimits = IngestLimits(),
+        texts_dir: Path | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -123,6 +129,7 @@ class IngestPipeline:
         self._tokenizer = tokenizer
         self._chunking = chunking
         self._limits = limits
+        self._texts_dir = texts_dir
         self._content_locks = KeyedLocks()
 
     async def ingest(
@@ -182,9 +189,15 @@ class IngestPipeline:
         file_hash = hashlib.sha256(data).hexdigest()
         existing = self._catalog.by_source(tenant, item.source)
         if existing is not None and existing.file_hash == file_hash and existing.collection == collection:
+            if self._texts_dir is not None and not text_path(self._texts_dir, existing.content_hash).is_file():
+                # Indexed before texts were kept: parse once more for the trainer, without indexing again.
+                parsed = await asyncio.to_thread(self._parse, data, item.filename)
+                await asyncio.to_thread(keep_text, self._texts_dir, parsed.text)
             return DocumentOutcome(item.source, "unchanged", existing.document_id, existing.chunk_count)
         document = await asyncio.to_thread(self._parse, data, item.filename)
         text_hash = content_hash(document.text)
+        if self._texts_dir is not None:
+            await asyncio.to_thread(keep_text, self._texts_dir, document.text)
         # Two copies of one text in the same run must not both pass the duplicate check: one at a time per hash.
         async with self._content_locks.hold((tenant, text_hash)):
             return await self._index_parsed(tenant, collection, item, report, existing, document, file_hash, text_hash)
@@ -271,6 +284,26 @@ def list_supported_files(root: Path) -> list[Path]:
                 continue
             found.append(path)
     return found
+
+
+def text_path(texts_dir: Path, text_hash: str) -> Path:
+    return texts_dir / f"{text_hash}.txt"
+
+
+def keep_text(texts_dir: Path, text: str) -> Path:
+    """Store cleaned ``text`` as ``<content_hash>.txt`` (written aside, then renamed); an existing file is kept,
+    since the same name means the same content."""
+    path = text_path(texts_dir, content_hash(text))
+    if path.is_file():
+        return path
+    texts_dir.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        staging.write_bytes(text.encode("utf-8"))
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
 
 
 def stable_document_id(tenant: str, source: str) -> str:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from baton.runtime.errors import EmptyInput
 from services.gateway.routes.deps import gateway_state
 from services.gateway.state import GatewayState
+from services.gateway.tenancy import current_tenant
 
 router = APIRouter(tags=["openai"])
 
@@ -19,7 +20,8 @@ class EmbeddingsBody(BaseModel):
     model: str | None = Field(None, description="Ignored: the embedder serves one model (see /v1/models later).")
 
 
-@router.post("/v1/embeddings", summary="Embed texts (OpenAI-compatible)")
+# Not tenant data, but compute: any user's key may embed; no key may not.
+@router.post("/v1/embeddings", summary="Embed texts (OpenAI-compatible)", dependencies=[Depends(current_tenant)])
 async def embeddings(body: EmbeddingsBody, state: Annotated[GatewayState, Depends(gateway_state)]) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not text for text in texts):

@@ -1,0 +1,248 @@
+"""One chat completion, start to finish, without HTTP: resolve the model, retrieve for the latest question, pack the
+hits into the context budget, and start the generation on the inference service.
+
+``start`` returns only once the first message of the generation has arrived, so that everything that can fail
+before an answer begins (unknown adapter, a prompt over the context, a full queue, the GPU held by training) fails
+as an error status, never as a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton.clients.inference import FINISH_REASONS, InferenceClient
+from baton.runtime.errors import BatonError, Internal, NotFound, ResourceExhausted, Unavailable
+from baton.store.base import SearchMode
+from baton.v1 import inference_pb2 as pb
+from services.gateway.chat import metrics
+from services.gateway.chat.citations import citations
+from services.gateway.chat.packing import PackedContext, TokenCounts, pack_context
+from services.gateway.chat.prompt import Turn, last_user_index
+from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest
+
+# Info is static while the inference process lives; a short cache spares one RPC per chat yet notices a restart
+# with another model within seconds.
+INFO_TTL_S = 10.0
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class RagOptions:
+    enabled: bool
+    collection: str | None = None
+    k: int = 8
+    mode: SearchMode = SearchMode.HYBRID
+    history_turns: int = 0  # earlier user turns added to the search query (0: the latest question alone)
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A decoded request. ``sampling`` holds SamplingParams fields (temperature, max_tokens, stop, ...)."""
+
+    tenant: str
+    model: str  # the base model's id or an adapter's name; "" = the base model
+    conversation: tuple[Turn, ...]
+    sampling: dict[str, Any]
+    rag: RagOptions
+    template_kwargs: dict[str, Any] | None = None
+    request_id: str = field(default_factory=new_completion_id)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class PreparedChat:
+    call: ChatCall
+    model: str  # the id answered under
+    adapter: str  # "" = the base model
+    messages: list[Turn]
+    packed: PackedContext | None = None
+    retrieve_s: float = 0.0
+    pack_s: float = 0.0
+
+    @property
+    def rag_used(self) -> bool:
+        return self.packed is not None
+
+    def extension(self, answer: str | None, last: pb.GenerateResponse | None) -> dict[str, Any]:
+        """The ``baton`` field of the response: citations, what packing did, where the time went."""
+        timings: dict[str, float] = {
+            "retrieve_s": round(self.retrieve_s, 6),
+            "pack_s": round(self.pack_s, 6),
+            "gateway_total_s": round(time.perf_counter() - self.call.arrived, 6),
+        }
+        if last is not None and last.HasField("timings"):
+            timings |= {"inference_total_s": round(last.timings.total_s, 6), "inference_queue_s": last.timings.queue_s}
+        packed = self.packed
+        return {
+            "citations": citations(packed.passages, answer) if packed is not None else [],
+            "rag": packed.stats() if packed is not None else None,
+            "timings": timings,
+        }
+
+
+class Generation:
+    """A started generation: its first message has arrived; iterate ``messages`` for all of them."""
+
+    def __init__(
+        self, prepared: PreparedChat, stream: AsyncIterator[pb.GenerateResponse], first: pb.GenerateResponse
+    ) -> None:
+        self.prepared = prepared
+        self._stream = stream
+        self._first: pb.GenerateResponse | None = first
+        self.last: pb.GenerateResponse = first
+        self.first_text_s: float | None = None
+
+    async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield self._seen(first)
+        async for message in self._stream:
+            yield self._seen(message)
+
+    def _seen(self, message: pb.GenerateResponse) -> pb.GenerateResponse:
+        if self.first_text_s is None and message.text:
+            self.first_text_s = time.perf_counter() - self.prepared.call.arrived
+        self.last = message
+        return message
+
+    @property
+    def finish_reason(self) -> str:
+        """``stop``, ``length``, ``abort`` (the service had to stop: GPU handed over, shutdown), or "" mid-way."""
+        reason = FINISH_REASONS.get(self.last.finish_reason, "")
+        return "abort" if reason == "aborted" else reason
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()  # type: ignore[attr-defined]  # cancels the RPC: the engine stops generating
+
+
+class InferenceTokenCounter:
+    """packing.TokenCounter over the inference service's CountTokens (its tokenizer and chat template)."""
+
+    def __init__(self, client: InferenceClient, template_kwargs: dict[str, Any] | None) -> None:
+        self._client = client
+        self._template_kwargs = template_kwargs
+
+    async def count(self, texts: Sequence[str], chat: Sequence[Turn]) -> TokenCounts:
+        response = await self._client.count_tokens(texts, chat=chat, template_kwargs=self._template_kwargs)
+        return TokenCounts(list(response.token_counts), response.chat_tokens, response.max_model_len)
+
+
+class ChatService:
+    def __init__(self, inference: InferenceClient, retriever: Retriever, *, answer_tokens: int) -> None:
+        self._inference = inference
+        self._retriever = retriever
+        self._answer_tokens = answer_tokens
+        self._info: pb.InferenceInfoResponse | None = None
+        self._info_at = 0.0
+        self._first_seen: dict[str, int] = {}
+
+    async def info(self) -> pb.InferenceInfoResponse:
+        if self._info is not None and time.monotonic() - self._info_at < INFO_TTL_S:
+            return self._info
+        try:
+            info = await self._inference.info()
+        except BatonError as error:
+            raise self._translate(error, "") from None
+        self._info, self._info_at = info, time.monotonic()
+        self._first_seen.setdefault(info.model_id, int(time.time()))
+        return info
+
+    def created(self, model_id: str) -> int:
+        """When this gateway first saw the base model served (OpenAI's ``created``; the service does not say)."""
+        return self._first_seen.get(model_id, int(time.time()))
+
+    async def models(self) -> tuple[pb.InferenceInfoResponse, list[pb.LoadedAdapter]]:
+        try:
+            info, adapters = await asyncio.gather(self.info(), self._inference.list_adapters())
+        except BatonError as error:
+            raise self._translate(error, "") from None
+        return info, adapters
+
+    async def prepare(self, call: ChatCall) -> PreparedChat:
+        info = await self.info()
+        adapter = "" if call.model in ("", info.model_id) else call.model
+        prepared = PreparedChat(call, call.model or info.model_id, adapter, list(call.conversation))
+        query = search_query(call.conversation, call.rag.history_turns) if call.rag.enabled else ""
+        if not query:
+            return prepared
+        started = time.perf_counter()
+        filters = {"collection": call.rag.collection} if call.rag.collection else {}
+        hits = await self._retriever.search(SearchRequest(call.tenant, query, call.rag.k, call.rag.mode, filters))
+        packing_started = time.perf_counter()
+        counter = InferenceTokenCounter(self._inference, call.template_kwargs)
+        max_tokens = call.sampling.get("max_tokens")
+        reserved = max_tokens or min(self._answer_tokens, info.max_model_len // 2)
+        try:
+            packed = await pack_context(hits, call.conversation, counter, reserved_tokens=reserved, query=query)
+        except BatonError as error:
+            raise self._translate(error, call.model) from None
+        prepared.packed, prepared.messages = packed, packed.messages
+        prepared.retrieve_s = packing_started - started
+        prepared.pack_s = time.perf_counter() - packing_started
+        metrics.RETRIEVAL_SECONDS.observe(prepared.retrieve_s)
+        metrics.PACKING_SECONDS.observe(prepared.pack_s)
+        if packed.prompt_tokens is not None:
+            metrics.CONTEXT_TOKENS.observe(packed.prompt_tokens)
+        return prepared
+
+    async def start(self, prepared: PreparedChat) -> Generation:
+        call = prepared.call
+        stream = self._inference.generate(
+            chat=prepared.messages,
+            adapter=prepared.adapter,
+            request_id=call.request_id,
+            template_kwargs=call.template_kwargs,
+            **call.sampling,
+        )
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise Internal("the inference service ended the generation without a message; see its log") from None
+        except BatonError as error:
+            raise self._translate(error, prepared.model) from None
+        return Generation(prepared, stream, first)
+
+    def _translate(self, error: BatonError, model: str) -> BatonError:
+        """Inference errors in the terms of the chat API."""
+        if isinstance(error, NotFound) and error.reason == "ADAPTER_NOT_FOUND":
+            return NotFound(
+                f"the model {model!r} does not exist; GET /v1/models lists the base model and the adapters served",
+                reason="MODEL_NOT_FOUND",
+            )
+        if isinstance(error, ResourceExhausted) and error.reason == "LEASE_WAIT_TIMEOUT":
+            # The GPU is held (training) and the chat would wait too long: 503 with Retry-After and the ETA.
+            return Unavailable(
+                f"the GPU is busy and the chat would wait too long ({error.message}); retry after the ETA",
+                reason="GPU_BUSY",
+                metadata=error.metadata,
+                retry_after_s=error.retry_after_s,
+            )
+        if isinstance(error, Unavailable) and error.reason == Unavailable.default_reason:
+            return Unavailable(
+                f"the inference service at {self._inference.target} does not answer ({error.message}); start it "
+                "(baton serve inference) or set BATON_GATEWAY_INFERENCE_ADDR",
+                reason="INFERENCE_UNREACHABLE",
+                retry_after_s=5.0,
+            )
+        return error
+
+
+def search_query(conversation: Sequence[Turn], history_turns: int) -> str:
+    """The latest user turn, after up to ``history_turns`` earlier ones (a follow-up such as "and in 1905?" then
+    keeps its subject); the end is kept when that is longer than a search query may be."""
+    if last_user_index(conversation) is None:
+        return ""
+    questions = [content.strip() for role, content in conversation if role == "user" and content.strip()]
+    query = "\n".join(questions[-(history_turns + 1) :])
+    if len(query) > MAX_QUERY_CHARS:
+        query = query[-MAX_QUERY_CHARS:]
+        query = query[query.find(" ") + 1 :] if " " in query[:100] else query
+    return query

@@ -1,0 +1,805 @@
+"""The (Q)LoRA training loop: a plain torch loop, so that a resumed run is exactly an uninterrupted one.
+
+Why not ``transformers.Trainer``: resuming it replays the data loader and restores RNG states approximately, and
+its hooks decide when to save. Here everything that shapes the result is explicit and in the checkpoint — the
+adapter, the optimizer, the LR scheduler, the python/numpy/torch RNG states and the position in the data, which is
+a pure function of (seed, step): micro-batch ``g`` of the whole run is slice ``g % per_epoch`` of the permutation
+seeded by ``(seed, g // per_epoch)``. A run stopped after step N and resumed from its checkpoint takes the same
+steps with the same numbers as one that never stopped (bit for bit on the same machine and thread count).
+
+The loop knows nothing of processes or files beyond its job folder: it reports through an ``emit`` callback (the
+worker writes events.jsonl) and asks ``should_stop`` after every optimizer step (the worker's signal flags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from baton.runtime.errors import FailedPrecondition, InvalidArgument
+from baton.runtime.files import fsync_dir, fsync_tree
+from baton.runtime.logging import log_event
+from services.trainer.dataset import IGNORE_INDEX, Block, BuiltDataset
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+StopCheck = Callable[[], str | None]  # "yield" | "shutdown" once a stop was asked for
+
+# The attention and MLP projections of Llama/Qwen/Mistral-style models: the default LoRA targets.
+DEFAULT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROUTER_NAMES = ("gate", "router")  # a MoE block's router, next to its `experts`
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_META = "checkpoint.json"
+THROUGHPUT_WINDOW = 10  # steps averaged for tokens/s
+
+
+# ------------------------------------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+    target_experts: bool = False
+    train_router: bool = False
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class HyperSpec:
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    seq_len: int = 1024
+    micro_batch_size: int = 1
+    grad_accumulation_steps: int = 8
+    max_steps: int | None = None
+    epochs: float | None = None
+    eval_fraction: float = 0.05
+    eval_every_steps: int | None = None
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """spec.json as the parent writes it (every default filled); missing or null fields take the proto defaults."""
+
+    job_id: str
+    name: str
+    base_model_path: Path
+    dataset: dict[str, Any]
+    lora: LoraSpec = LoraSpec()
+    quantization: QuantSpec = QuantSpec()
+    hyper: HyperSpec = HyperSpec()
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobSpec:
+        device = data.get("device") or "cpu"
+        lora_values = dict(data.get("lora") or {})
+        if lora_values.get("alpha") is None:  # the proto's default: 2 x rank
+            lora_values["alpha"] = 2.0 * float(lora_values.get("rank") or LoraSpec.rank)
+        lora = _fill(LoraSpec, lora_values)
+        lora = LoraSpec(**{**asdict(lora), "target_modules": tuple(lora.target_modules or ())})
+        quant_values = dict(data.get("quantization") or {})
+        if quant_values.get("compute_dtype") in (None, "", "auto"):  # automatic: bf16 on a GPU, fp32 on the CPU
+            quant_values["compute_dtype"] = "bfloat16" if device == "cuda" else "float32"
+        hyper_values = dict(data.get("hyper") or {})
+        if not hyper_values.get("optimizer"):  # the proto's default: paged 8-bit AdamW on a GPU, torch's on the CPU
+            hyper_values["optimizer"] = "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+        return cls(
+            job_id=str(data.get("job_id", "")),
+            name=str(data.get("name", "")),
+            base_model_path=Path(data["base_model_path"]),
+            dataset=dict(data["dataset"]),
+            lora=lora,
+            quantization=_fill(QuantSpec, quant_values),
+            hyper=_fill(HyperSpec, hyper_values),
+            device=device,
+        )
+
+
+def _fill(cls: type, values: dict[str, Any] | None) -> Any:
+    known = cls.__dataclass_fields__
+    return cls(**{key: value for key, value in (values or {}).items() if key in known and value is not None})
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the training split turns into optimizer steps."""
+
+    blocks: int
+    micro_batch_size: int
+    accumulation: int
+    micro_batches_per_epoch: int
+    total_steps: int
+
+    def micro_batch(self, index: int, seed: int) -> list[int]:
+        """Block indices of micro-batch ``index`` of the whole run: a function of (seed, epoch) alone."""
+        epoch, k = divmod(index, self.micro_batches_per_epoch)
+        order = _epoch_order(seed, epoch, self.blocks)
+        return order[k * self.micro_batch_size : (k + 1) * self.micro_batch_size]
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.accumulation / self.micro_batches_per_epoch
+
+
+def plan_steps(train_blocks: int, hyper: HyperSpec) -> StepPlan:
+    """Total optimizer steps: ``epochs`` passes (default 1), capped by ``max_steps``; only max_steps: exactly that."""
+    per_epoch = max(1, math.ceil(train_blocks / hyper.micro_batch_size))
+    if hyper.epochs is None and hyper.max_steps:
+        total = hyper.max_steps
+    else:
+        epochs = hyper.epochs if hyper.epochs is not None else 1.0
+        total = max(1, math.ceil(math.ceil(epochs * per_epoch) / hyper.grad_accumulation_steps))
+        if hyper.max_steps:
+            total = min(total, hyper.max_steps)
+    return StepPlan(train_blocks, hyper.micro_batch_size, hyper.grad_accumulation_steps, per_epoch, total)
+
+
+_ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_order(seed: int, epoch: int, blocks: int) -> list[int]:
+    key = (seed, epoch, blocks)
+    if key not in _ORDER_CACHE:
+        # Its own generator seeded by (seed, epoch): the global RNGs (dropout's) never shift the data order.
+        _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(blocks).tolist()
+    return _ORDER_CACHE[key]
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): a linear warm-up that starts
+    above zero (no wasted first step), then cosine or linear decay towards 0, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(hyper: HyperSpec, total: int) -> int:
+    if hyper.warmup_steps is not None:
+        return min(hyper.warmup_steps, total)
+    return min(total, math.ceil(hyper.warmup_ratio * total))
+
+
+# ------------------------------------------------------------------------------------------------ model and LoRA
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """What peft is asked to adapt, as found in this model."""
+
+    target_modules: list[str] | str
+    target_parameters: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    exclude_modules: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_dtype(quant: QuantSpec) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[quant.compute_dtype]
+
+
+def load_base_model(spec: JobSpec) -> torch.nn.Module:
+    """The base model on the job's device: NF4 4-bit with bitsandbytes (QLoRA), or plain in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the bars would fill the worker's log; events report progress
+    dtype = resolve_dtype(spec.quantization)
+    device = _device(spec.device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if spec.quantization.method == "nf4":
+        kwargs["quantization_config"] = _nf4_config(spec.quantization, dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(str(spec.base_model_path), **kwargs)
+    if spec.quantization.method != "nf4":
+        model.to(device)
+    _keep_cpu_4bit_layout_trainable(model)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return model
+
+
+def _keep_cpu_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    On a CPU with AVX512-BF16, a Linear4bit forward in eval mode repacks its weight into an inference layout for
+    good, and later training forwards then run a kernel without autograd (gradients stop flowing through the frozen
+    layers: "gemv_4bit: an autograd kernel was not registered"). It would also make a run's numbers depend on
+    whether an evaluation happened before a step, so a resumed run would drift from an uninterrupted one.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise FailedPrecondition(
+                "the job asks for cuda but torch sees no GPU here; use device cpu", reason="NO_GPU"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _nf4_config(quant: QuantSpec, dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401  (the import is the check)
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise FailedPrecondition(
+            f"NF4 needs bitsandbytes, which does not import here ({error}); install it or use quantization none",
+            reason="QUANT_UNSUPPORTED",
+        ) from error
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names (``q_proj``) of the model's linear layers (bitsandbytes' 4-bit ones are nn.Linear subclasses),
+    without the output head and MoE routers — the names peft's target_modules may use."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    routers = set(_router_paths(model))
+    names = {
+        path.rsplit(".", 1)[-1]
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head and path not in routers
+    }
+    return sorted(names)
+
+
+def _experts_paths(model: torch.nn.Module) -> list[str]:
+    return [path for path, _ in model.named_modules() if path.rsplit(".", 1)[-1] == "experts"]
+
+
+def _router_paths(model: torch.nn.Module) -> list[str]:
+    found = []
+    for path, module in model.named_modules():
+        children = dict(module.named_children())
+        if "experts" in children:
+            found += [f"{path}.{name}" if path else name for name in ROUTER_NAMES if name in children]
+    return found
+
+
+def plan_lora(model: torch.nn.Module, lora: LoraSpec) -> LoraPlan:
+    """Resolve the LoRA targets against the model: defaults, validation, MoE experts and router options."""
+    linear = linear_module_names(model)
+    notes: list[str] = []
+    if lora.target_modules == ("all-linear",):
+        targets: list[str] | str = "all-linear"
+    elif lora.target_modules:
+        unknown = sorted(set(lora.target_modules) - set(linear))
+        if unknown:
+            raise InvalidArgument(
+                f"target modules {', '.join(unknown)} are not linear layers of this model; "
+                f"choose from {', '.join(linear)} (or all-linear), or leave target_modules empty for the defaults",
+                reason="UNKNOWN_TARGET_MODULES",
+                metadata={"unknown": ",".join(unknown), "valid": ",".join(linear)},
+            )
+        targets = sorted(lora.target_modules)
+    else:
+        targets = [name for name in DEFAULT_PROJECTIONS if name in linear] or linear
+    experts = _experts_paths(model)
+    plan = LoraPlan(targets, notes=notes)
+    if not experts:
+        if lora.target_experts or lora.train_router:
+            notes.append("target_experts/train_router ignored: the model has no mixture-of-experts layers")
+        return plan
+    return _moe_plan(model, lora, plan, experts)
+
+
+def _moe_plan(model: torch.nn.Module, lora: LoraSpec, plan: LoraPlan, experts: list[str]) -> LoraPlan:
+    modules = dict(model.named_modules())
+    fused = sorted(
+        {
+            f"{path.rsplit('.', 2)[-2]}.experts.{name}" if "." in path else f"experts.{name}"
+            for path in experts
+            for name, param in modules[path].named_parameters(recurse=False)
+            if param.dim() == 3
+        }
+    )
+    notes = list(plan.notes)
+    target_parameters: list[str] = []
+    # Experts as separate nn.Linear layers (older layouts) match the projection names: keep them out unless asked.
+    exclude = None if lora.target_experts else r".*\.experts\..*"
+    if lora.target_experts and fused:
+        # transformers 5 fuses the experts into 3-D parameters (not nn.Linear): peft adapts them by parameter name.
+        target_parameters = fused
+        notes.append(f"LoRA on the fused expert weights {', '.join(fused)} (peft target_parameters)")
+    modules_to_save = sorted({path.rsplit(".", 1)[-1] for path in _router_paths(model)}) if lora.train_router else []
+    if lora.train_router:
+        # The router is small and not a LoRA target: a full trainable copy is saved with the adapter.
+        notes.append(f"router trained in full and saved with the adapter ({', '.join(modules_to_save)})")
+    return LoraPlan(plan.target_modules, target_parameters, modules_to_save, exclude, notes)
+
+
+def wrap_with_lora(model: torch.nn.Module, spec: JobSpec, plan: LoraPlan) -> Any:
+    """prepare_model_for_kbit_training (NF4) or gradient checkpointing (plain), then peft's LoRA on the plan."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}  # the non-reentrant form keeps dropout's RNG replay exact
+    if spec.quantization.method == "nf4":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.hyper.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif spec.hyper.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    config = LoraConfig(
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=plan.target_modules,
+        target_parameters=plan.target_parameters or None,
+        modules_to_save=plan.modules_to_save or None,
+        exclude_modules=plan.exclude_modules,
+        use_rslora=spec.lora.use_rslora,
+        task_type=TaskType.CAUSAL_LM,
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(spec.base_model_path)
+    return peft_model
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], hyper: HyperSpec, device: str) -> Any:
+    if name not in OPTIMIZERS:
+        raise InvalidArgument(
+            f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}", reason="UNKNOWN_OPTIMIZER"
+        )
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    if device != "cuda":
+        raise InvalidArgument(
+            f"optimizer {name} (bitsandbytes) needs a GPU; use adamw_torch on the CPU", reason="UNKNOWN_OPTIMIZER"
+        )
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}.get(
+        name, bnb.optim.PagedAdamW32bit
+    )
+    return cls(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+
+
+# -------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class History:
+    """Everything the loss plot and the metadata need, carried in every checkpoint so a resumed run has it all."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)  # step, loss, learning_rate, grad_norm, tokens_seen
+    evals: list[dict[str, Any]] = field(default_factory=list)  # step, eval_loss, perplexity, which
+
+    def base_eval(self) -> dict[str, Any] | None:
+        return next((e for e in self.evals if e["which"] == "base"), None)
+
+    def last_adapter_eval(self) -> dict[str, Any] | None:
+        return next((e for e in reversed(self.evals) if e["which"] == "adapter"), None)
+
+
+@dataclass
+class TrainOutcome:
+    status: Literal["done", "yielded"]
+    step: int
+    total_steps: int
+    tokens_seen: int
+    train_s: float
+    history: History
+    stop_reason: str | None = None
+
+
+class TrainingRun:
+    """One job's training: set up, resume if a checkpoint exists, step until done or told to stop."""
+
+    def __init__(self, spec: JobSpec, data: BuiltDataset, job_dir: Path, emit: Emit, should_stop: StopCheck) -> None:
+        self.spec = spec
+        self.data = data
+        self.checkpoints = job_dir / "checkpoints"
+        self.emit = emit
+        self.should_stop = should_stop
+        self.plan = plan_steps(len(data.train), spec.hyper)
+        self.device = _device(spec.device)
+        self.dtype = resolve_dtype(spec.quantization)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_s = 0.0
+        self.history = History()
+        self.lora_plan: LoraPlan | None = None
+        self._recent: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
+        self.model: Any = None
+
+    # ----------------------------------------------------------------------------------------------- set-up
+
+    def setup(self) -> None:
+        """Load the base, add the LoRA, build optimizer and scheduler; then restore the newest checkpoint."""
+        hyper = self.spec.hyper
+        _seed_everything(hyper.seed)
+        base = load_base_model(self.spec)
+        self.lora_plan = plan_lora(base, self.spec.lora)
+        for note in self.lora_plan.notes:
+            self._log(note)
+        # LoRA's A matrices are drawn from torch's RNG: seeded right here, the same seed gives the same adapter.
+        torch.manual_seed(hyper.seed)
+        self.model = wrap_with_lora(base, self.spec, self.lora_plan)
+        self.params = [param for param in self.model.parameters() if param.requires_grad]
+        self.optimizer = make_optimizer(hyper.optimizer, self.params, hyper, self.spec.device)
+        warmup = warmup_steps(hyper, self.plan.total_steps)
+        total, schedule = self.plan.total_steps, hyper.lr_schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup=warmup, total=total, schedule=schedule)
+        )
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
+        use_scaler = self.dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self._clean_stale_temporaries()
+        self._resume()
+
+    def _resume(self) -> None:
+        for folder in reversed(self.complete_checkpoints()):
+            try:
+                self._load_checkpoint(folder)
+            except (OSError, RuntimeError, KeyError, ValueError) as error:
+                # A complete (renamed) checkpoint should always load; if one does not, an older one still helps.
+                self._log(f"checkpoint {folder.name} does not load ({error}); trying an older one", level="warning")
+                continue
+            self.emit({"type": "resumed", "step": self.step, "from_checkpoint": str(folder)})
+            log_event(log, "trainer.resumed", step=self.step, checkpoint=str(folder))
+            return
+
+    # ----------------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> TrainOutcome:
+        """Step until the plan is done or ``should_stop`` says so; evaluate the base first and the adapter last."""
+        if self.data.eval and self.history.base_eval() is None and not self._evaluate("base"):
+            return self._stop()
+        while self.step < self.plan.total_steps:
+            if self.should_stop():
+                return self._stop()
+            self._optimizer_step()
+            if self.should_stop():
+                return self._stop()
+            self._after_step()
+        self.save_checkpoint("final")
+        if self.data.eval and not self._has_final_eval() and not self._evaluate("adapter"):
+            return self._stop()
+        return TrainOutcome("done", self.step, self.plan.total_steps, self.tokens_seen, self.train_s, self.history)
+
+    def _stop(self) -> TrainOutcome:
+        reason = self.should_stop() or "shutdown"
+        self.save_checkpoint(reason)
+        return TrainOutcome(
+            "yielded", self.step, self.plan.total_steps, self.tokens_seen, self.train_s, self.history, reason
+        )
+
+    def _has_final_eval(self) -> bool:
+        last = self.history.last_adapter_eval()
+        return last is not None and last["step"] == self.plan.total_steps
+
+    def _after_step(self) -> None:
+        hyper = self.spec.hyper
+        last = self.step == self.plan.total_steps  # the final evaluation and checkpoint follow the loop
+        every_eval = hyper.eval_every_steps if hyper.eval_every_steps is not None else hyper.checkpoint_every_steps
+        if self.data.eval and every_eval and self.step % every_eval == 0 and not last:
+            self._evaluate("adapter")
+        if hyper.checkpoint_every_steps and self.step % hyper.checkpoint_every_steps == 0 and not last:
+            self.save_checkpoint("periodic")
+
+    def _optimizer_step(self) -> None:
+        started = time.perf_counter()
+        self.model.train()
+        batches = [
+            self._collate([self.data.train[i] for i in self.plan.micro_batch(index, self.spec.hyper.seed)])
+            for index in range(self.step * self.plan.accumulation, (self.step + 1) * self.plan.accumulation)
+        ]
+        # Every labelled token of the step weighs the same, however the micro-batches split them.
+        targets = max(1, sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        loss_sum = 0.0
+        tokens = 0
+        for batch in batches:
+            with self._autocast():
+                loss = _summed_loss(self.model, batch) / targets
+            loss_sum += float(loss.detach()) * targets
+            tokens += int(batch["attention_mask"].sum())
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        grad_norm = self._clip_and_step()
+        self.step += 1
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - started
+        self.train_s += elapsed
+        self._recent.append((tokens, elapsed))
+        self._report_step(loss_sum / targets, learning_rate, grad_norm)
+
+    def _clip_and_step(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = self.spec.hyper.max_grad_norm if self.spec.hyper.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def _report_step(self, loss: float, learning_rate: float, grad_norm: float) -> None:
+        if not math.isfinite(loss):
+            raise FailedPrecondition(
+                f"training diverged: the loss is {loss} at step {self.step}; lower learning_rate or max_grad_norm, "
+                "or use float32/bfloat16 compute",
+                reason="LOSS_NOT_FINITE",
+            )
+        if not math.isfinite(grad_norm):
+            grad_norm = -1.0  # fp16 loss scaling skips such a step; report it without breaking strict JSON
+        window_tokens = sum(tokens for tokens, _ in self._recent)
+        window_s = sum(seconds for _, seconds in self._recent)
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "learning_rate": learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_seen": self.tokens_seen,
+        }
+        self.history.steps.append(record)
+        self.emit(
+            {
+                "type": "step",
+                **record,
+                "total_steps": self.plan.total_steps,
+                "epoch": round(self.plan.epoch_at(self.step), 6),
+                "tokens_per_s": window_tokens / window_s if window_s > 0 else 0.0,
+                "peak_memory_bytes": peak_memory_bytes(self.device),
+                "train_s": round(self.train_s, 3),
+                "time_unix_s": time.time(),
+            }
+        )
+
+    # --------------------------------------------------------------------------------------------- evaluation
+
+    def _evaluate(self, which: Literal["base", "adapter"]) -> bool:
+        """Token-weighted loss on the eval split; False when a stop request cut it short (nothing recorded)."""
+        self.model.eval()
+        total = 0.0
+        count = 0
+        size = self.spec.hyper.micro_batch_size
+        adapter_off = self.model.disable_adapter() if which == "base" else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            for start in range(0, len(self.data.eval), size):
+                if self.should_stop():
+                    self.model.train()
+                    return False
+                batch = self._collate(self.data.eval[start : start + size])
+                with self._autocast():
+                    total += float(_summed_loss(self.model, batch))
+                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.model.train()
+        loss = total / max(1, count)
+        record = {"step": self.step, "eval_loss": loss, "perplexity": _perplexity(loss), "which": which}
+        self.history.evals.append(record)
+        self.emit({"type": "eval", **record})
+        log_event(log, "trainer.eval", **record)
+        return True
+
+    # --------------------------------------------------------------------------------------------- batching
+
+    def _collate(self, blocks: Sequence[Block]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest block: pad tokens get attention 0 and no loss."""
+        width = max(len(block.input_ids) for block in blocks)
+        pad = self.data.pad_token_id
+        ids = [block.input_ids + [pad] * (width - len(block.input_ids)) for block in blocks]
+        labels = [block.labels + [IGNORE_INDEX] * (width - len(block.labels)) for block in blocks]
+        mask = [[1] * len(block.input_ids) + [0] * (width - len(block.input_ids)) for block in blocks]
+        return {
+            "input_ids": torch.tensor(ids, device=self.device),
+            "labels": torch.tensor(labels, device=self.device),
+            "attention_mask": torch.tensor(mask, device=self.device),
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        # float32 computes as is; otherwise the plain (non-NF4) base is in the compute dtype already and NF4 has
+        # bnb_4bit_compute_dtype, but LoRA weights stay float32: autocast keeps their matmuls in the compute dtype.
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a complete one was renamed into place with its metadata inside)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [
+            path
+            for path in self.checkpoints.iterdir()
+            if path.name.startswith("step-") and path.name[5:].isdigit() and (path / CHECKPOINT_META).is_file()
+        ]
+        return sorted(found, key=lambda path: int(path.name[5:]))
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """Write ``checkpoints/step-<N>`` (aside, then renamed), drop the oldest beyond keep_checkpoints."""
+        final = self.checkpoints / f"step-{self.step}"
+        if not (final / CHECKPOINT_META).is_file():
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            staging = self.checkpoints / f".tmp-step-{self.step}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            self.model.save_pretrained(str(staging / "adapter"))
+            torch.save(self._state(), staging / CHECKPOINT_STATE)
+            meta = {"step": self.step, "reason": reason, "saved_unix_s": time.time(), "data_hash": self._data_hash()}
+            (staging / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            fsync_tree(staging)
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover without metadata
+            os.replace(staging, final)
+            fsync_dir(self.checkpoints)
+        self._prune()
+        size = sum(path.stat().st_size for path in final.rglob("*") if path.is_file())
+        self.emit({"type": "checkpoint", "step": self.step, "reason": reason, "path": str(final), "size_bytes": size})
+        log_event(log, "trainer.checkpoint", step=self.step, reason=reason, size_bytes=size)
+        return final
+
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_s": self.train_s,
+            "data_hash": self._data_hash(),
+            "history": {"steps": self.history.steps, "evals": self.history.evals},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+        if state["data_hash"] != self._data_hash():
+            raise FailedPrecondition(
+                f"the dataset changed since checkpoint {folder.name} (data hash {state['data_hash'][:12]} → "
+                f"{self._data_hash()[:12]}); submit a new job for the new data",
+                reason="DATASET_CHANGED",
+            )
+        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [key for key in result.missing_keys if "lora_" in key or "modules_to_save" in key]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"adapter weights do not match the model ({missing[:3]}, {result.unexpected_keys[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.train_s = float(state["train_s"])
+        self.history = History(list(state["history"]["steps"]), list(state["history"]["evals"]))
+        _set_rng_state(state["rng"])
+
+    def _prune(self) -> None:
+        keep = max(1, self.spec.hyper.keep_checkpoints)
+        for old in self.complete_checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _clean_stale_temporaries(self) -> None:
+        if self.checkpoints.is_dir():
+            for path in self.checkpoints.glob(".tmp-step-*"):
+                shutil.rmtree(path, ignore_errors=True)  # a checkpoint a killed run did not finish
+
+    def _data_hash(self) -> str:
+        return self.data.stats.data_hash
+
+    def save_adapter(self, folder: Path) -> None:
+        """The adapter in peft's format (adapter_config.json + adapter_model.safetensors)."""
+        self.model.save_pretrained(str(folder))
+
+    def _log(self, message: str, *, level: str = "info") -> None:
+        self.emit({"type": "log", "level": level, "message": message})
+        log_event(log, "trainer.note", level=logging.WARNING if level == "warning" else logging.INFO, note=message)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the labelled tokens (the caller divides): computed here rather
+    than by the model so that micro-batches of any size weigh every token the same, for every architecture."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1, :].float()
+    targets = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # capped below float overflow: events are strict JSON (no Infinity)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """torch's peak allocation on a GPU; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        # As plain lists and tensors: checkpoints load with torch.load(weights_only=True), which refuses numpy.
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
