@@ -61,7 +61,7 @@ unit: setup  ## unit tests only
 integration: setup  ## integration tests only (real processes on loopback)
 	$(PY) -m pytest -q tests/integration
 
-demo: setup  ## the main job: for now, a GPU-lease handover between two holders, live in the terminal
+demo: setup  ## the whole cycle, offline: baton up, ingest examples/corpus, train an adapter (lease), serve it, cite
 	$(VENV)/bin/baton demo
 
 bench: setup  ## benchmarks, printed as tables of ratios against baselines measured in the same run
@@ -70,6 +70,8 @@ bench: setup  ## benchmarks, printed as tables of ratios against baselines measu
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_retrieval.py --chunks 100000
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_gateway.py --chunks 100000
+	$(PY) benchmarks/bench_train.py
 
 eval: setup  ## retrieval quality on SciFact and XQuAD-en through the whole stack (prints nDCG, recall, MRR)
 	$(PY) -m pytest -q -s -m '' tests/integration/test_retrieval_quality.py

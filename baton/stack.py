@@ -3,6 +3,13 @@
 Each service is a child process in its own session with its log in ``$BATON_HOME/logs/``; ``$BATON_HOME/run/
 stack.json`` records pids and addresses so that ``baton down`` (or another shell) can find them.
 
+The whole cycle runs: scheduler, embedder, inference, trainer and gateway. The model is ``--model-path`` (or
+BATON_INFERENCE_MODEL_PATH); without one, a tiny model is built under ``$BATON_HOME/models`` (baton.models.tiny) so
+that the stack runs offline with nothing downloaded. On a machine without a GPU inference uses the ``hf`` engine and
+both inference and the trainer still take GPU leases from the scheduler (its virtual GPU), non-exclusive: the tiny
+model and its training fit side by side, so the lease protocol runs without making training wait for serving to
+go idle. With a GPU: vLLM, and the services' own lease defaults (exclusive; the scheduler arbitrates).
+
 Keys: the first ``up`` writes an admin key to ``$BATON_HOME/admin.key`` (the gateway reads it there) and, once the
 gateway answers, creates the user ``me`` and writes its key to ``$BATON_HOME/api.key``, which the CLI uses; both
 0600. Later ``up``s reuse them (and replace ``api.key`` if it no longer works, e.g. after the catalog was deleted).
@@ -19,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from baton.clients.gateway import ADMIN_KEY_FILE, API_KEY_FILE, GatewayClient, read_secret, write_secret
-from baton.runtime.errors import Unauthenticated
+from baton.runtime.errors import InvalidArgument, Unauthenticated
 from baton.runtime.process import ServiceProcess
 
 DEFAULT_USER = "me"
@@ -28,11 +35,16 @@ DEFAULT_USER = "me"
 DEFAULT_TENANT = "default"
 
 
+TINY_MODEL_DIR = "models/tiny-qwen3"
+
+
 @dataclass(frozen=True)
 class StackPorts:
     scheduler: int = 50060
     embedder: int = 50061
     embedder_http: int = 8081
+    inference: int = 50062
+    trainer: int = 50063
     gateway: int = 8000
 
     @property
@@ -40,17 +52,71 @@ class StackPorts:
         return f"http://127.0.0.1:{self.gateway}"
 
 
-def stack_processes(home: Path, ports: StackPorts, *, allowed_roots: list[Path] | None = None) -> list[ServiceProcess]:
+@dataclass(frozen=True)
+class StackModel:
+    """The base model the stack serves and trains on, and where it runs."""
+
+    path: Path
+    device: str  # "cpu" | "cuda"
+    built: bool = False  # the tiny model built by `baton up` itself
+
+    @property
+    def engine(self) -> str:
+        # vLLM on CPU takes about a minute to start; the hf engine serves a small model on CPU at once.
+        return "vllm" if self.device == "cuda" else "hf"
+
+
+def resolve_model(home: Path, model_path: Path | None = None) -> StackModel:
+    """``model_path``, else BATON_INFERENCE_MODEL_PATH, else the tiny model under BATON_HOME/models (built once)."""
+    from services.trainer.server import resolve_device  # NVML only: no torch import here
+
+    device = resolve_device("auto")
+    explicit = model_path or _env_path("BATON_INFERENCE_MODEL_PATH")
+    if explicit is not None:
+        if not (explicit / "config.json").is_file():
+            raise InvalidArgument(
+                f"{explicit} is not a local model folder (no config.json): baton never downloads models; pass the "
+                "folder of a Hugging Face model copied onto this machine, or no --model-path for the tiny demo model",
+                reason="MODEL_PATH_INVALID",
+            )
+        return StackModel(explicit.resolve(), device)
+    from baton.models.tiny import build_tiny_model
+
+    return StackModel(build_tiny_model(home / TINY_MODEL_DIR).resolve(), device, built=True)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def _lease_flags(model: StackModel, scheduler: str) -> list[str]:
+    if model.device == "cuda":
+        return ["--scheduler-addr", scheduler]
+    return ["--scheduler-addr", scheduler, "--gpu-lease", "always", "--no-lease-exclusive"]
+
+
+def serve_flags(grpc_port: int) -> list[str]:
+    return ["--grpc-port", str(grpc_port)]
+
+
+def stack_processes(
+    home: Path, ports: StackPorts, model: StackModel, *, allowed_roots: list[Path] | None = None
+) -> list[ServiceProcess]:
     """The services in start order (each one's dependencies come before it)."""
     logs = home / "logs"
-    env = {"BATON_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {"BATON_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     roots = ",".join(str(root) for root in (allowed_roots or []))
+    scheduler = f"127.0.0.1:{ports.scheduler}"
+    inference = f"127.0.0.1:{ports.inference}"
+    trainer = f"127.0.0.1:{ports.trainer}"
+    placement = ["--device", model.device, *_lease_flags(model, scheduler)]
     return [
         ServiceProcess(
             "scheduler",
             "services.scheduler",
             ["--grpc-port", str(ports.scheduler)],
-            grpc_target=f"127.0.0.1:{ports.scheduler}",
+            grpc_target=scheduler,
             log_path=logs / "scheduler.log",
             env=env,
         ),
@@ -63,16 +129,33 @@ def stack_processes(home: Path, ports: StackPorts, *, allowed_roots: list[Path] 
                 "--http-port",
                 str(ports.embedder_http),
                 "--scheduler-addr",
-                f"127.0.0.1:{ports.scheduler}",
+                scheduler,
             ],
             grpc_target=f"127.0.0.1:{ports.embedder}",
             log_path=logs / "embedder.log",
             env=env,
         ),
         ServiceProcess(
+            "inference",
+            "services.inference",
+            [*serve_flags(ports.inference), "--model-path", str(model.path), "--engine", model.engine, *placement],
+            grpc_target=inference,
+            log_path=logs / "inference.log",
+            env=env,
+        ),
+        ServiceProcess(
+            "trainer",
+            "services.trainer",
+            [*serve_flags(ports.trainer), "--inference-addr", inference, *placement],
+            grpc_target=trainer,
+            log_path=logs / "trainer.log",
+            env=env,
+        ),
+        ServiceProcess(
             "gateway",
             "services.gateway",
             ["--port", str(ports.gateway), "--embedder-addr", f"127.0.0.1:{ports.embedder}"]
+            + ["--inference-addr", inference, "--trainer-addr", trainer, "--scheduler-addr", scheduler]
             + (["--allowed-roots", roots] if roots else []),
             log_path=logs / "gateway.log",
             health_url=f"{ports.gateway_url}/health",
@@ -82,10 +165,20 @@ def stack_processes(home: Path, ports: StackPorts, *, allowed_roots: list[Path] 
 
 
 class Stack:
-    def __init__(self, home: Path, ports: StackPorts, *, allowed_roots: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        ports: StackPorts,
+        *,
+        allowed_roots: list[Path] | None = None,
+        model_path: Path | None = None,
+    ) -> None:
         self.home = home
         self.ports = ports
-        self.processes = stack_processes(home, ports, allowed_roots=allowed_roots)
+        self.allowed_roots = allowed_roots
+        self.model_path = model_path
+        self.model: StackModel | None = None  # resolved (and the tiny model built) by up()
+        self.processes: list[ServiceProcess] = []
         self.api_key: str | None = None  # the user `me`'s key, once up() has run
 
     @property
@@ -95,6 +188,8 @@ class Stack:
     def up(self, *, on_started: Callable[[ServiceProcess, float], None] | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         admin_key = ensure_admin_key(self.home)  # before the gateway starts: it reads the file at start-up
+        self.model = resolve_model(self.home, self.model_path)
+        self.processes = stack_processes(self.home, self.ports, self.model, allowed_roots=self.allowed_roots)
         try:
             for process in self.processes:
                 started = time.monotonic()
@@ -106,7 +201,11 @@ class Stack:
             self.down()
             raise
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        record = {"ports": asdict(self.ports), "pids": {p.name: p.pid for p in self.processes}}
+        record = {
+            "ports": asdict(self.ports),
+            "pids": {p.name: p.pid for p in self.processes},
+            "model": {"path": str(self.model.path), "engine": self.model.engine, "device": self.model.device},
+        }
         self.state_file.write_text(json.dumps(record, indent=2))
 
     def down(self) -> None:

@@ -21,7 +21,9 @@ SERVICES: dict[str, str] = {
 
 EPILOG = """\
 examples:
-  baton demo                              watch the GPU lease hand the GPU from training to serving and back
+  baton demo                              the whole cycle on examples/corpus, offline (baton demo --lease: the lease)
+  baton up / baton down                   run every service as a local process (logs in BATON_HOME/logs)
+  baton cycle ~/notes --name my-views     ingest, train an adapter, serve it, answer with citations
   baton serve scheduler --grpc-port 50060 run the GPU-lease scheduler (flags: baton serve scheduler --help)
   baton gpu                               who holds the GPU now, who waits, and their ETAs
   baton ingest ~/notes                    turn a folder into memory (progress bar; re-runs only do changes)
@@ -53,9 +55,13 @@ def _up(args: argparse.Namespace) -> None:
 
     home = Path(os.environ.get("BATON_HOME", "var")).resolve()
     roots = [Path(root).resolve() for root in args.allow]
-    stack = Stack(home, StackPorts(gateway=args.port), allowed_roots=roots)
+    model_path = Path(args.model_path).expanduser() if args.model_path else None
+    stack = Stack(home, StackPorts(gateway=args.port), allowed_roots=roots, model_path=model_path)
     print(f"starting baton in {home} (logs in {home / 'logs'})")
     stack.up(on_started=lambda p, s: print(f"  {p.name:<10} healthy after {s:.1f} s"))
+    assert stack.model is not None  # up() resolved it
+    built = " (the tiny demo model, built here)" if stack.model.built else ""
+    print(f"model: {stack.model.path}{built}; engine {stack.model.engine} on {stack.model.device}")
     print(f"gateway: {stack.ports.gateway_url}  (API docs: {stack.ports.gateway_url}/docs); stop with: baton down")
     print(f"your API key (user me): {home / 'api.key'} — the baton CLI uses it; OpenAI clients: api_key=$(cat it)")
     print(f"admin key: {home / 'admin.key'} — for `baton users create NAME` (each user gets its own tenant)")
@@ -88,9 +94,15 @@ def _settings(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from baton.demo import run_demo
+    from pathlib import Path
 
-    run_demo()
+    from baton.demo import run_cycle_demo, run_demo
+
+    if args.lease:
+        run_demo()
+        return
+    home = Path(args.home).expanduser().resolve() if args.home else None
+    run_cycle_demo(home, keep=args.keep)
 
 
 def _gpu(args: argparse.Namespace) -> None:
@@ -137,8 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service_args", nargs=argparse.REMAINDER, help="its flags (see baton serve SERVICE --help)")
     serve.set_defaults(run=_serve)
 
-    up = commands.add_parser("up", help="start the services as local processes (scheduler, embedder, gateway)")
+    up = commands.add_parser(
+        "up", help="start the services as local processes (scheduler, embedder, inference, trainer, gateway)"
+    )
     up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument(
+        "--model-path",
+        default=os.environ.get("BATON_INFERENCE_MODEL_PATH"),
+        help="local model folder to serve and train on [env BATON_INFERENCE_MODEL_PATH; default: a tiny model built "
+        "under BATON_HOME/models]",
+    )
     up.add_argument("--allow", action="append", default=[], help="a folder the gateway may ingest by path (repeat)")
     up.set_defaults(run=_up)
     down = commands.add_parser("down", help="stop the services started by `baton up`")
@@ -148,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("services", nargs="*", choices=["scheduler", "embedder", "inference", "trainer", "gateway"])
     settings.set_defaults(run=_settings)
 
-    demo = commands.add_parser("demo", help="the main job, live (for now: a GPU-lease handover)")
+    demo = commands.add_parser(
+        "demo", help="the whole cycle on the bundled corpus (examples/corpus), against a stack of local processes"
+    )
+    demo.add_argument("--home", help="state folder (default: a new temporary one)")
+    demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards (stop: baton down)")
+    demo.add_argument("--lease", action="store_true", help="instead: a GPU-lease handover, training to chat and back")
     demo.set_defaults(run=_demo)
 
     gpu = commands.add_parser("gpu", help="show the GPU lease: holder, queue, ETAs")
@@ -159,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu.set_defaults(run=_gpu)
 
-    from baton.cli import memory, train, users
+    from baton.cli import cycle, memory, train, users
 
+    cycle.register(commands)
     memory.register(commands)
     train.register(commands)
     users.register(commands)

@@ -7,6 +7,7 @@ The API key: the one given, else ``BATON_API_KEY``, else the key ``baton up`` wr
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,6 +173,79 @@ class GatewayClient:
                 ) from None
         return self.create_key(name, label=label)
 
+    # ---------------------------------------------------------------------------------------------- training, GPU
+
+    def submit_training(
+        self, name: str, *, collections: Sequence[str] = (), jsonl: Path | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """A training job on this tenant's documents (``collections``; empty: all), or on a local JSONL file
+        (uploaded). ``options``: any field of the gateway's TrainingJobBody (rank, max_steps, seq_len, ...)."""
+        fields = {"name": name, **{k: v for k, v in options.items() if v is not None}}
+        if jsonl is None:
+            return self._call("POST", "/v1/training/jobs", json={**fields, "collections": list(collections)})
+        data = {k: [str(x) for x in v] if isinstance(v, list | tuple) else _form_value(v) for k, v in fields.items()}
+        files = {"file": (jsonl.name, jsonl.read_bytes(), "application/x-ndjson")}
+        return self._call("POST", "/v1/training/jobs", data=data, files=files)
+
+    def training_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/training/jobs/{job_id}")
+
+    def training_jobs(self, *, states: Sequence[str] = (), page_size: int = 50) -> dict[str, Any]:
+        return self._call("GET", "/v1/training/jobs", params={"states": list(states), "page_size": page_size})
+
+    def cancel_training(self, job_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/training/jobs/{job_id}")
+
+    def watch_training(self, job_id: str, *, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's events (SSE) until it ends: a ``snapshot`` first, then ``state_changed``, ``step``, ``eval``,
+        ``checkpoint_saved``, ``log``. Each event is the JSON the gateway sent, with ``type`` and ``state``."""
+        headers = {"Last-Event-ID": str(after_seq)} if after_seq else {}
+        try:
+            with self._http.stream(
+                "GET", f"/v1/training/jobs/{job_id}/events", headers=headers, timeout=None
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    raise error_from_response(response)
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[len("data: ") :])
+                        if "error" in event and "type" not in event:
+                            raise _stream_error(event)
+                        yield event
+        except httpx.TransportError as error:
+            raise errors.Unavailable(
+                f"lost the gateway at {self.base_url} while following {job_id} ({error})"
+            ) from error
+
+    def wait_training(self, job_id: str, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Follow the job to its end (calling ``on_event`` for each event); returns the finished job."""
+        for event in self.watch_training(job_id):
+            if on_event is not None:
+                on_event(event)
+        return self.training_job(job_id)
+
+    def adapters(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/adapters")
+
+    def gpu(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/gpu")
+
+    # ---------------------------------------------------------------------------------------------- chat
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models: the base model and every adapter this tenant may chat with."""
+        return self._call("GET", "/v1/models")
+
+    def chat(
+        self, messages: Sequence[dict[str, str]], *, model: str | None = None, baton: dict[str, Any] | None = None,
+        **sampling: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        """POST /v1/chat/completions, not streamed. ``baton``: the extensions (rag, collection, k); ``sampling``:
+        OpenAI fields such as temperature, max_tokens, seed. The answer's citations are in ``["baton"]``."""
+        body = {"messages": list(messages), "model": model, "baton": baton, **sampling}
+        return self._call("POST", "/v1/chat/completions", json={k: v for k, v in body.items() if v is not None})
+
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -205,6 +279,19 @@ def error_from_response(response: httpx.Response) -> errors.BatonError:
         metadata={k: str(v) for k, v in (body.get("details") or {}).items()},
         retry_after_s=float(retry) if retry else None,
     )
+
+
+def _form_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _stream_error(event: dict[str, Any]) -> errors.BatonError:
+    """An ``event: error`` of a stream (baton's error shape) as the domain error."""
+    cls = errors.Internal
+    for candidate in _subclasses(errors.BatonError):
+        if candidate.default_reason == event.get("reason"):
+            cls = candidate
+    return cls(str(event.get("error", "")), reason=event.get("reason"), metadata=event.get("details"))
 
 
 def _subclasses(cls: type[errors.BatonError]) -> Iterator[type[errors.BatonError]]:

@@ -11,7 +11,18 @@ from prometheus_client import make_asgi_app
 
 from baton import __version__
 from baton.runtime.http import install_error_handlers
-from services.gateway.routes import chat, documents, embeddings, models, search, users
+from services.gateway.routes import (
+    adapters,
+    chat,
+    documents,
+    embeddings,
+    errors,
+    gpu,
+    models,
+    search,
+    training,
+    users,
+)
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import GatewayState
 
@@ -41,7 +52,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="baton gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (documents, search, embeddings, chat, models, users):
+    for module in (documents, search, embeddings, users, training, adapters, gpu):
+        app.include_router(module.router, responses=errors.ERROR_RESPONSES)
+    for module in (chat, models):  # OpenAI's error shape, documented per route
         app.include_router(module.router)
     app.mount("/metrics", make_asgi_app())
 

@@ -48,6 +48,27 @@ class GatewaySettings(CommonSettings):
         description="Tokens kept free for the answer when packing sources and a request sets no max_tokens "
         "(at most half the context).",
     )
+    trainer_addr: str = Field(
+        "127.0.0.1:50063", description="gRPC address of the trainer service (/v1/training/jobs, /v1/adapters)."
+    )
+    scheduler_addr: str = Field("127.0.0.1:50060", description="gRPC address of the GPU-lease scheduler (/v1/gpu).")
+    train_base_model_path: Path | None = Field(
+        None, description="Base model folder new training jobs use [the folder the inference service serves]."
+    )
+    gpu_policy: Literal["preempt", "queue"] = Field(
+        "preempt",
+        description="A chat while training holds the GPU: preempt = the chat takes the GPU (training checkpoints and "
+        "resumes later); queue = the chat waits for training, 503 + Retry-After past queue_max_wait_s.",
+    )
+    queue_max_wait_s: float = Field(
+        30.0, ge=0, description="queue policy: longest a chat waits for the GPU (a longer ETA is refused at once)."
+    )
+    serving_idle_s: float = Field(
+        30.0,
+        ge=0,
+        description="Put the inference service to sleep (releasing the GPU) when it has been idle this long and "
+        "training waits for the GPU; 0 = never.",
+    )
     admin_key: SecretStr | None = Field(
         None,
         description="The admin API key (creates users and keys; at least 32 random characters). Overrides "

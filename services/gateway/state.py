@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from baton.clients.embedder import EmbedderClient, RemoteTokenizer
 from baton.clients.inference import InferenceClient
+from baton.clients.trainer import TrainerClient
+from baton.lease.client import LeaseClient
 from baton.runtime.errors import BatonError, Unavailable
 from baton.runtime.logging import log_event
 from baton.store.base import VectorStore
@@ -16,11 +18,13 @@ from baton.store.embedded import EmbeddedStore
 from services.gateway.auth import KeyStore, load_admin_key
 from services.gateway.catalog import Catalog
 from services.gateway.chat.service import ChatService
+from services.gateway.gpu import GpuArbiter, GpuView
 from services.gateway.ingest.chunker import ChunkingConfig
 from services.gateway.ingest.pipeline import IngestLimits, IngestPipeline
 from services.gateway.jobs import IngestJobs
 from services.gateway.retrieval import Retriever
 from services.gateway.settings import GatewaySettings
+from services.gateway.training import TrainingService
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ class GatewayState:
     auth: KeyStore
     inference: InferenceClient
     chat: ChatService
+    training: TrainingService | None = None
+    gpu: GpuView | None = None
+    arbiter: GpuArbiter | None = None
 
     @classmethod
     async def open(cls, settings: GatewaySettings, *, embedder_wait_s: float = 120.0) -> GatewayState:
@@ -67,9 +74,30 @@ class GatewayState:
         # Not awaited here: the gateway serves memory without the inference service; chat says 503 until it answers.
         inference = InferenceClient(settings.inference_addr)
         chat = ChatService(inference, retriever, answer_tokens=settings.chat_answer_tokens)
-        return cls(settings, catalog, store, embedder, pipeline, retriever, jobs, info.model_id, auth, inference, chat)
+        state = cls(settings, catalog, store, embedder, pipeline, retriever, jobs, info.model_id, auth, inference, chat)
+        state.open_training()
+        return state
+
+    def open_training(self) -> None:
+        """Trainer and scheduler clients (not awaited: training and /v1/gpu say 503 until those services answer)."""
+        settings = self.settings
+        trainer, leases = TrainerClient(settings.trainer_addr), LeaseClient(settings.scheduler_addr)
+        self.training = TrainingService(
+            trainer,
+            self.inference,
+            data_dir=settings.home / "training-data",
+            base_model_path=settings.train_base_model_path,
+        )
+        self.gpu = GpuView(leases, trainer, policy=settings.gpu_policy, queue_max_wait_s=settings.queue_max_wait_s)
+        self.arbiter = GpuArbiter(leases, self.inference, idle_s=settings.serving_idle_s)
+        self.arbiter.start()
 
     async def close(self) -> None:
+        if self.arbiter is not None:
+            await self.arbiter.close()
+        if self.gpu is not None:
+            await self.gpu.trainer.close()
+            await self.gpu.leases.close()
         await self.jobs.close()
         await self.embedder.close()
         await self.inference.close()

@@ -34,7 +34,20 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ChatCompletion,
         "description": "A chat completion, or with stream=true an SSE stream of `chat.completion.chunk` events "
         "ending with `data: [DONE]`; the last chunk before it carries `baton` (citations)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # Before OpenAPI 3.2 the schema of an event stream describes one event: its `data` is the JSON of a
+        # chat.completion.chunk (or of an error), or `[DONE]` at the end.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"},
+                        "event": {"type": "string"},
+                    },
+                }
+            }
+        },
     },
     **ERROR_RESPONSES,
 }
@@ -55,6 +68,8 @@ async def chat_completions(
     rag = "on" if call.rag.enabled else "off"
     stream = "yes" if body.stream else "no"
     try:
+        if state.gpu is not None:
+            await state.gpu.admit_chat()  # gpu_policy=queue: wait for training, or 503 + Retry-After + ETA
         generation = await state.chat.start(await state.chat.prepare(call))
     except BatonError as error:
         metrics.REQUESTS.labels(error.reason.lower(), stream, rag).inc()

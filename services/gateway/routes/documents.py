@@ -6,7 +6,8 @@ from pathlib import Path, PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from baton.runtime.errors import EmptyInput, InvalidArgument, PayloadTooLarge, PermissionDenied
 from services.gateway.ingest.pipeline import SUPPORTED_SUFFIXES, IngestItem
@@ -56,7 +57,10 @@ async def add_documents(request: Request, response: Response, tenant: Tenant, st
     if content_type.startswith("multipart/form-data"):
         return await _upload(request, response, tenant, state)
     if content_type.startswith("application/json"):
-        body = FolderIngest.model_validate_json(await request.body())
+        try:
+            body = FolderIngest.model_validate_json(await request.body())
+        except ValidationError as error:  # read by hand (the route takes two content types): the same 422 as FastAPI
+            raise RequestValidationError(error.errors(include_url=False)) from None
         return await _ingest_folder(body, response, tenant, state)
     raise InvalidArgument(
         "send files as multipart/form-data (field 'files') or a folder as JSON {\"path\": ...}",

@@ -18,6 +18,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from baton.runtime.errors import BatonError, EmptyInput, Internal, InvalidArgument, Unauthenticated
 from services.gateway.chat.protocol import ErrorResponse
@@ -87,6 +88,14 @@ def validation_error(error: RequestValidationError, request: Request) -> tuple[B
     return InvalidArgument(f"invalid request: {described}", reason="INVALID_REQUEST"), problems[0][0] or None
 
 
+def http_error(error: HTTPException) -> BatonError:
+    """The domain error for an HTTPException FastAPI raised before the handler ran; in a POST route that is the
+    body failing to parse (FastAPI's 400), which is invalid input like any other: 422."""
+    return InvalidArgument(
+        f"the request body could not be read ({error.detail}); send JSON encoded as UTF-8", reason="INVALID_JSON"
+    )
+
+
 class OpenAIRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -99,6 +108,9 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as error:
                 domain, param = validation_error(error, request)
                 return openai_error_response(domain, param=param)
+            except HTTPException as error:
+                # FastAPI raises these itself, before the handler runs: a body that is not JSON (bad UTF-8, say).
+                return openai_error_response(http_error(error))
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return openai_error_response(Internal("internal error; see the gateway's log"))

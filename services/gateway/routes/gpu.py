@@ -1,0 +1,37 @@
+"""GET /v1/gpu: who holds the GPU lease, who waits, their ETAs, and what a chat would do now (the busy policy)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from services.gateway.gpu import chat_eta, holder_json, waiter_json
+from services.gateway.routes.deps import gateway_state
+from services.gateway.state import GatewayState
+from services.gateway.tenancy import current_tenant
+
+router = APIRouter(tags=["gpu"])
+
+
+@router.get("/v1/gpu", summary="The GPU lease: holder, queue, ETAs, and the chat policy when training holds it")
+async def gpu(
+    tenant: Annotated[str, Depends(current_tenant)], state: Annotated[GatewayState, Depends(gateway_state)]
+) -> dict[str, Any]:
+    view = state.gpu
+    lease, holders = await view.state()
+    eta_s, _ = chat_eta(holders)
+    return {
+        "capacity_bytes": lease.capacity_bytes,
+        "capacity_source": lease.capacity_source,
+        "used_bytes": lease.used_bytes,
+        "epoch": lease.epoch,
+        "holders": [holder_json(h, tenant) for h in holders],
+        "queue": [waiter_json(w) for w in lease.waiters],
+        "policy": {
+            "gpu_policy": view.policy,
+            "queue_max_wait_s": view.queue_max_wait_s,
+            # What a chat arriving now meets: preempt → it takes the GPU; queue → it waits about chat_eta_s.
+            "chat_eta_s": 0.0 if view.policy == "preempt" else round(eta_s, 3),
+        },
+    }

@@ -1,0 +1,85 @@
+"""``make demo`` end to end: ``baton demo`` (what the Makefile target runs) as a real process, which starts the whole
+stack as local processes (scheduler, embedder with MiniLM, inference with the hf engine and the tiny model, trainer,
+gateway), runs the cycle on examples/corpus and must finish within the issue's 10 minutes.
+
+``--keep`` leaves the stack up, so that the test can ask the gateway itself, with the key the demo's ``baton up``
+wrote, whether the new adapter is registered and served, and whether an answer cites the one document that holds
+the fact asked about; the stack is stopped after, as ``baton down`` stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from baton.clients.gateway import API_KEY_FILE, GatewayClient, read_secret
+from baton.demo import DEMO_ADAPTER, DEMO_QUESTION, DEMO_SOURCE
+from baton.stack import stop_recorded_stack
+
+pytestmark = pytest.mark.integration
+
+DEMO_LIMIT_S = 600  # the issue: `make demo` runs to the end in CI in under 10 minutes
+STAGES = ("[0/6] baton up", "[1/6] ingest", "[2/6] training set", "[3/6] train", "[4/6] register", "[5/6] hot-load",
+          "[6/6] answer")  # fmt: skip
+
+
+@pytest.fixture
+def demo_home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "baton-home"
+    yield home
+    stop_recorded_stack(home)  # whatever the demo left running, as `baton down` would
+
+
+def _logs(home: Path) -> str:
+    tails = []
+    for log in sorted((home / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-25:]
+        tails.append(f"--- {log.name}\n" + "\n".join(lines))
+    return "\n".join(tails)
+
+
+@pytest.mark.timeout(DEMO_LIMIT_S + 120)
+def test_make_demo_runs_the_whole_cycle_in_time(demo_home: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "baton.cli.main", "demo", "--home", str(demo_home), "--keep"],
+            capture_output=True, text=True, timeout=DEMO_LIMIT_S, env=env,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"the demo ran past {DEMO_LIMIT_S} s:\n{expired.stdout}\n{_logs(demo_home)}")
+    elapsed = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"demo failed ({done.returncode}):\n{output}\n{_logs(demo_home)}"
+    assert elapsed < DEMO_LIMIT_S
+
+    # Every stage ran, in order, and printed its line.
+    positions = [output.find(stage) for stage in STAGES]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), output
+    answer_part = output[positions[-1] :]
+    assert f"Q: {DEMO_QUESTION}" in answer_part
+    assert DEMO_SOURCE in answer_part, f"no citation of {DEMO_SOURCE}:\n{answer_part}"
+
+    # The stack is still up (--keep): ask the gateway as the demo's user.
+    ports = json.loads((demo_home / "run" / "stack.json").read_text())["ports"]
+    key = read_secret(demo_home / API_KEY_FILE)
+    with GatewayClient(f"http://127.0.0.1:{ports['gateway']}", api_key=key, timeout_s=120) as client:
+        assert DEMO_ADAPTER in [m["id"] for m in client.models()["data"]]
+        adapters = [a for a in client.adapters()["adapters"] if a["name"] == DEMO_ADAPTER]
+        assert adapters and adapters[0]["served"] is True, adapters
+        messages = [{"role": "user", "content": DEMO_QUESTION}]
+        rag = {"rag": True, "collection": DEMO_ADAPTER}
+        tuned = client.chat(messages, model=DEMO_ADAPTER, baton=rag, max_tokens=24, temperature=0)
+        base = client.chat(messages, baton=rag, max_tokens=24, temperature=0)
+    sources = [Path(c["source"]).name for c in tuned["baton"]["citations"]]
+    assert DEMO_SOURCE in sources, sources
+    # The adapter is what answers: the same question, greedy, gets another answer from the base model.
+    assert tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
