@@ -334,7 +334,7 @@ def progress_line(result: ChildResult, repeat: int) -> str:
         return f"  repeat {repeat + 1}: {result.config:9s} FAILED (exit {result.exit_code})"
     return (
         f"  repeat {repeat + 1}: {result.config:9s} {result.tokens_per_s:8.0f} tokens/s  "
-        f"peak VRAM {result.peak_device_bytes / GIB:6.2f} GiB  peak RSS {result.peak_rss_bytes / GIB:5.2f} GiB  "
+        f"loop peak {result.peak_device_bytes / GIB:6.2f} GiB  peak RSS {result.peak_rss_bytes / GIB:5.2f} GiB  "
         f"wall {result.wall_s:5.1f} s  loss {result.steps[0]['loss']:.3f} → {result.steps[-1]['loss']:.3f}"
     )
 

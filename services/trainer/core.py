@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from baton.runtime.errors import (
+    AlreadyExists,
     BatonError,
     FailedPrecondition,
     InvalidArgument,
@@ -229,6 +230,12 @@ class TrainerCore:
         if not validate_only:
             self._check_queue_room()
         resolved = await asyncio.to_thread(resolve_spec, request, self._config.validation)
+        owner = await asyncio.to_thread(self._registry.owner, resolved.spec.name)
+        if owner is not None and owner != resolved.spec.tenant:
+            # Adapter names are served in one namespace: a name is its first tenant's. The message does not say whose.
+            raise AlreadyExists(
+                f"the adapter name {resolved.spec.name!r} is taken; choose another name", reason="ADAPTER_NAME_TAKEN"
+            )
         now = time.time()
         job = Job(
             job_id="" if validate_only else _new_job_id(),

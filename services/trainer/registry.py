@@ -53,6 +53,14 @@ class AdapterRegistry:
             return []
         return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit() and entry.is_dir())
 
+    def owner(self, name: str) -> str | None:
+        """The tenant whose jobs publish under ``name`` (the first version's), or None for a free name."""
+        for version in self.versions(name):
+            tenant = self.read(name, version).registry.get("tenant")
+            if tenant:
+                return str(tenant)
+        return None
+
     def read(self, name: str, version: int) -> RegisteredVersion:
         path = self.root / name / str(version)
         registry, metadata = _read_json(path / REGISTRY_FILE), _read_json(path / METADATA_FILE)

@@ -360,17 +360,34 @@ def _moe_plan(model: torch.nn.Module, lora: LoraSpec, plan: LoraPlan, experts: l
     return LoraPlan(plan.target_modules, target_parameters, modules_to_save, exclude, notes)
 
 
+def _fused_expert_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """Half-precision fused MoE expert weights (3-D parameters; bitsandbytes does not quantise them)."""
+    half = (torch.bfloat16, torch.float16)
+    return {name: p.dtype for name, p in model.named_parameters() if p.ndim >= 3 and p.dtype in half}
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    # prepare_model_for_kbit_training casts every non-quantised parameter to fp32. For a MoE model whose experts are
+    # fused 3-D tensors (transformers 5) that is most of the model: "QLoRA" would then need more memory than bf16
+    # LoRA. The experts are frozen, so they go back to their half precision.
+    for name, parameter in model.named_parameters():
+        if name in dtypes and not parameter.requires_grad:
+            parameter.data = parameter.data.to(dtypes[name])
+
+
 def wrap_with_lora(model: torch.nn.Module, spec: JobSpec, plan: LoraPlan) -> Any:
     """prepare_model_for_kbit_training (NF4) or gradient checkpointing (plain), then peft's LoRA on the plan."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}  # the non-reentrant form keeps dropout's RNG replay exact
     if spec.quantization.method == "nf4":
+        fused = _fused_expert_dtypes(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=spec.hyper.gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
+        _restore_dtypes(model, fused)
     elif spec.hyper.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     config = LoraConfig(

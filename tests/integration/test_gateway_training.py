@@ -159,6 +159,13 @@ def test_a_trained_adapter_is_listed_served_and_changes_the_answer(stack: Traini
         for call in (foreign.training_job, foreign.cancel_training, lambda i: list(foreign.watch_training(i))):
             with pytest.raises(errors.NotFound):
                 call(job["id"])
+        # The adapter is the tenant's: another tenant neither sees it nor chats with it, nor trains under its name.
+        with pytest.raises(errors.AlreadyExists):
+            foreign.submit_training(name, jsonl=phrase_jsonl(tmp_path / "theirs.jsonl"), format="messages", **FAST)
+    foreign_chat = stack.openai(other)
+    assert name not in {m.id for m in foreign_chat.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        greedy(foreign_chat, name, CHAT_PROMPTS[0])
 
 
 def test_a_job_trains_on_the_tenants_ingested_documents(stack: TrainingStack) -> None:

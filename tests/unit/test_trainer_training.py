@@ -167,3 +167,24 @@ def test_out_of_memory_becomes_an_error_event(
     event = json.loads(lines[-1])  # starts on a line of its own
     assert event["type"] == "error" and event["reason"] == "OUT_OF_MEMORY"
     assert "Tried to allocate 2.00 GiB" in event["message"] and "lower micro_batch_size" in event["message"]
+
+
+def test_qlora_keeps_fused_moe_experts_in_half_precision() -> None:
+    """prepare_model_for_kbit_training casts every unquantised parameter to fp32; fused experts must not grow."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from services.trainer.training import _fused_expert_dtypes, _restore_dtypes
+
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    model.is_loaded_in_4bit = True
+    fused = _fused_expert_dtypes(model)
+    assert fused and all("experts" in name for name in fused)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _restore_dtypes(model, fused)
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert all(dtypes[name] == torch.bfloat16 for name in fused)

@@ -9,10 +9,12 @@ as an error status, never as a broken stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from baton.clients.inference import FINISH_REASONS, InferenceClient
@@ -159,16 +161,20 @@ class ChatService:
         """When this gateway first saw the base model served (OpenAI's ``created``; the service does not say)."""
         return self._first_seen.get(model_id, int(time.time()))
 
-    async def models(self) -> tuple[pb.InferenceInfoResponse, list[pb.LoadedAdapter]]:
+    async def models(self, tenant: str) -> tuple[pb.InferenceInfoResponse, list[pb.LoadedAdapter]]:
+        """The base model and the adapters ``tenant`` may use (its own, and those nobody's training made)."""
         try:
             info, adapters = await asyncio.gather(self.info(), self._inference.list_adapters())
         except BatonError as error:
             raise self._translate(error, "") from None
-        return info, adapters
+        return info, [adapter for adapter in adapters if adapter_visible(adapter, tenant)]
 
     async def prepare(self, call: ChatCall) -> PreparedChat:
         info = await self.info()
         adapter = "" if call.model in ("", info.model_id) else call.model
+        if adapter and adapter not in {served.name for served in (await self.models(call.tenant))[1]}:
+            # Unknown and another tenant's adapter answer alike: existence is never revealed.
+            raise self._translate(NotFound(f"no adapter {adapter!r}", reason="ADAPTER_NOT_FOUND"), call.model)
         prepared = PreparedChat(call, call.model or info.model_id, adapter, list(call.conversation))
         query = search_query(call.conversation, call.rag.history_turns) if call.rag.enabled else ""
         if not query:
@@ -246,3 +252,13 @@ def search_query(conversation: Sequence[Turn], history_turns: int) -> str:
         query = query[-MAX_QUERY_CHARS:]
         query = query[query.find(" ") + 1 :] if " " in query[:100] else query
     return query
+
+
+def adapter_visible(adapter: pb.LoadedAdapter, tenant: str) -> bool:
+    """An adapter trained by a tenant's job is that tenant's (the registry's registry.json says whose); one an admin
+    loaded from elsewhere in the registry has no owner and serves every tenant."""
+    try:
+        owner = json.loads((Path(adapter.path) / "registry.json").read_text(encoding="utf-8")).get("tenant")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not owner or owner == tenant

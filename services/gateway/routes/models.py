@@ -17,18 +17,19 @@ from services.gateway.tenancy import current_tenant
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(current_tenant)])
 State = Annotated[GatewayState, Depends(gateway_state)]
+Tenant = Annotated[str, Depends(current_tenant)]
 ENGINES = {pb.INFERENCE_ENGINE_KIND_VLLM: "vllm", pb.INFERENCE_ENGINE_KIND_HF: "hf"}
 
 
 @router.get("/v1/models", summary="Models to chat with: the base model and its adapters", responses=ERROR_RESPONSES)
-async def list_models(state: State) -> ModelList:
-    info, adapters = await state.chat.models()
+async def list_models(state: State, tenant: Tenant) -> ModelList:
+    info, adapters = await state.chat.models(tenant)
     return ModelList(data=cards(state.chat, info, adapters))
 
 
 @router.get("/v1/models/{model}", summary="One model (base or adapter)", responses=ERROR_RESPONSES)
-async def get_model(model: str, state: State) -> ModelCard:
-    info, adapters = await state.chat.models()
+async def get_model(model: str, state: State, tenant: Tenant) -> ModelCard:
+    info, adapters = await state.chat.models(tenant)
     for card in cards(state.chat, info, adapters):
         if card.id == model:
             return card
