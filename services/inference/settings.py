@@ -72,7 +72,7 @@ class InferenceSettings(LeaseSettings):
 
     # ------------------------------------------------------------------------------------------------ queue
     queue_capacity: int = Field(
-        64, ge=0, description="Requests that may wait for a slot, the lease or the wake (more: RESOURCE_EXHAUSTED)."
+        256, ge=0, description="Requests that may wait for a slot, the lease or the wake (more: RESOURCE_EXHAUSTED)."
     )
     max_wait_s: float = Field(
         60.0, gt=0, description="Default longest wait of a request for a slot, the lease and the wake."
