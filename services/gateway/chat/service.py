@@ -9,6 +9,7 @@ as an error status, never as a broken stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -257,8 +258,14 @@ def search_query(conversation: Sequence[Turn], history_turns: int) -> str:
 def adapter_visible(adapter: pb.LoadedAdapter, tenant: str) -> bool:
     """An adapter trained by a tenant's job is that tenant's (the registry's registry.json says whose); one an admin
     loaded from elsewhere in the registry has no owner and serves every tenant."""
-    try:
-        owner = json.loads((Path(adapter.path) / "registry.json").read_text(encoding="utf-8")).get("tenant")
-    except (OSError, ValueError, AttributeError):
-        return True
+    owner = _adapter_owner(adapter.path)
     return not owner or owner == tenant
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapter_owner(path: str) -> str:
+    # Cached: a registered version folder never changes (a new version is a new folder), and this runs per chat.
+    try:
+        return str(json.loads((Path(path) / "registry.json").read_text(encoding="utf-8")).get("tenant") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
