@@ -10,12 +10,16 @@ PROTOS := $(wildcard proto/baton/v1/*.proto)
 STUBS  := baton/v1/.generated
 
 export CI ?=
+
+# Component recipes (the Weaviate server, Prometheus, deploy/ checks) live in mk/*.mk; they add to TEST_DEPS.
+TEST_DEPS :=
+-include mk/*.mk
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup proto test unit integration demo bench eval lint fmt clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMPS)/base: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,13 +56,13 @@ fmt: setup  ## format the code
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup lint  ## the whole test suite (unit + integration with real processes), as CI runs it
+test: setup lint $(TEST_DEPS)  ## the whole test suite (unit + integration with real processes), as CI runs it
 	$(PY) -m pytest -q
 
 unit: setup  ## unit tests only
 	$(PY) -m pytest -q tests/unit
 
-integration: setup  ## integration tests only (real processes on loopback)
+integration: setup $(TEST_DEPS)  ## integration tests only (real processes on loopback)
 	$(PY) -m pytest -q tests/integration
 
 demo: setup  ## the whole cycle, offline: baton up, ingest examples/corpus, train an adapter (lease), serve it, cite

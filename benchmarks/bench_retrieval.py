@@ -14,10 +14,13 @@ Measured (all in one run, so the ratios are fair):
   score fusion) and BM25 alone; p50/p99 latency and the ratio to the exact baseline's p50. Each series starts with
   20 untimed queries.
 Goal (issue 3): vector p99 <= 20 ms with recall@10 >= 0.95 at 1 M chunks on this 2-core machine.
+``--store weaviate`` loads the same chunks into a Weaviate server started here (``make weaviate``) and adds its
+build table and its rows (vector with recall, hybrid, BM25) to the same query table: one run, the same baseline.
 
     .venv/bin/python benchmarks/bench_retrieval.py --chunks 100000          # minutes
     nice .venv/bin/python benchmarks/bench_retrieval.py --workdir /tmp/b1m  # 1 M chunks: long (index build)
     nice .venv/bin/python benchmarks/bench_retrieval.py --workdir /tmp/b1m --reuse  # queries again, no build
+    .venv/bin/python benchmarks/bench_retrieval.py --chunks 100000 --store weaviate  # side by side with Weaviate
 """
 
 from __future__ import annotations
@@ -189,6 +192,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the store goes [a temporary folder]")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--reuse", action="store_true", help="query the store already in --workdir; skip the build")
+    parser.add_argument(
+        "--store",
+        choices=["embedded", "weaviate"],
+        default="embedded",
+        help="weaviate: also load the same chunks into a Weaviate server started here, and report it side by side",
+    )
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
@@ -253,6 +262,8 @@ def main() -> None:
     rows.append(_row(f"store hybrid (efSearch {args.ef_search[-1]})", timed(hybrid, queries)[0], baseline, None))
     rows.append(_row("store BM25 (FTS5)", timed(bm25, queries)[0], baseline, None))
     store.close()
+    if args.store == "weaviate":
+        rows += weaviate_rows(args, corpus, queries, truth, baseline, workdir)
     print_table(
         f"Queries: {args.queries} single queries, k=10, {args.chunks:,} chunks (ratio = p50 / exact p50)",
         ["search", "p50 ms", "p99 ms", "ratio", "recall@10"],
@@ -262,6 +273,62 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"the store stays in {path} (--reuse queries it again)")
+
+
+def weaviate_rows(
+    args: argparse.Namespace,
+    corpus: Corpus,
+    queries: list[Query],
+    truth: list[list[str]],
+    baseline: float,
+    workdir: Path,
+) -> list[list[object]]:
+    """The same chunks in a Weaviate server on loopback (baton.store.weaviate, HNSW M 32 as max connections,
+    efConstruction 200, ef 128): its build table, and its query rows for the shared table."""
+    from baton.store.weaviate import WeaviateConfig, WeaviateStore
+    from baton.store.weaviate_server import MAX_RESULTS, WeaviateServer, weaviate_binary
+
+    binary = weaviate_binary()
+    if binary is None:
+        raise SystemExit("--store weaviate needs the Weaviate server: make weaviate")
+    server = WeaviateServer(workdir / "weaviate", binary).start()
+    config = WeaviateConfig(url=server.url, grpc_port=server.grpc_port, collection="Bench", max_results=MAX_RESULTS)
+    store = WeaviateStore(config)
+    try:
+        build: list[tuple[str, float, str]] = []
+        start = time.perf_counter()
+        for index, (document_id, records, _) in enumerate(chunk_batches(corpus, args.chunks, args.chunks_per_document)):
+            store.replace_document(TENANT, document_id, records)
+            if (index + 1) * args.chunks_per_document % 100_000 < args.chunks_per_document:
+                print(f"  weaviate: wrote {(index + 1) * args.chunks_per_document:,} chunks", flush=True)
+        elapsed = time.perf_counter() - start
+        build.append(
+            ("write chunks (Weaviate, HNSW built on insert)", elapsed, f"{args.chunks / elapsed:,.0f} chunks/s")
+        )
+        build.append(("disk: Weaviate data folder", folder_size(workdir / "weaviate") / 2**30, "GiB"))
+        print_table("Build (Weaviate)", ["step", "seconds or GiB", "note"], build)
+
+        def vector(query: Query) -> list[str]:
+            hits = store.search(StoreQuery(tenant=TENANT, vector=query.vector, k=10, mode=SearchMode.VECTOR))
+            return [hit.chunk_id for hit in hits]
+
+        def hybrid(query: Query) -> list[str]:
+            request = StoreQuery(tenant=TENANT, text=query.text, vector=query.vector, k=10, embedder_languages=["*"])
+            return [hit.chunk_id for hit in store.search(request)]
+
+        def bm25(query: Query) -> list[str]:
+            hits = store.search(StoreQuery(tenant=TENANT, text=query.text, k=10, mode=SearchMode.BM25))
+            return [hit.chunk_id for hit in hits]
+
+        latency, results = timed(vector, queries)
+        return [
+            _row("weaviate vector (HNSW ef 128)", latency, baseline, recall_at_10(results, truth)),
+            _row("weaviate hybrid (two searches, baton fusion)", timed(hybrid, queries)[0], baseline, None),
+            _row("weaviate BM25", timed(bm25, queries)[0], baseline, None),
+        ]
+    finally:
+        store.close()
+        server.stop()
 
 
 def _row(name: str, latencies: list[float], baseline: float, recall: float | None) -> list[object]:

@@ -14,6 +14,7 @@ from baton.runtime.process import ServiceProcess, free_port
 pytest_plugins = [
     "tests.fixtures.embedder",
     "tests.fixtures.store",
+    "tests.fixtures.weaviate",
     "tests.fixtures.gateway",
     "tests.fixtures.inference",
     "tests.fixtures.trainer",

@@ -184,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu.set_defaults(run=_gpu)
 
-    from baton.cli import cycle, memory, train, users
+    from baton.cli import cycle, deploy, memory, plan, store, train, users
 
     cycle.register(commands)
     memory.register(commands)
+    plan.register(commands)
+    store.register(commands)
+    deploy.register(commands)
     train.register(commands)
     users.register(commands)
     return parser

@@ -8,6 +8,7 @@ while the model loads in a thread, and turn SERVING / 200 when it is ready; a pr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -53,6 +54,20 @@ def load_options(settings: EmbedderSettings) -> LoadOptions:
     )
 
 
+def planned_vram_bytes(settings: EmbedderSettings) -> int:
+    """The planner's peak for this encoder at this batch budget (baton.planner.rag): weights, one batch's
+    activations, the CUDA context."""
+    from baton.planner.catalog import EmbeddingModel
+    from baton.planner.rag import RagJob, rag_vram
+
+    model_path = settings.resolved_model_path()
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    encoder = EmbeddingModel.from_config(config, name=model_path.name)
+    seq = min(encoder.max_tokens, settings.max_batch_tokens)
+    job = RagJob(chunk_tokens=max(8, seq - 2), batch_size=max(1, settings.max_batch_tokens // seq))
+    return rag_vram(job, encoder, cpu=False).total_bytes
+
+
 def build_gate(settings: EmbedderSettings, device: str, metrics: EmbedderMetrics) -> BulkGate:
     """The EMBEDDING_BULK lease where bulk work runs on a GPU (or always, if configured); nothing otherwise."""
     wanted = settings.gpu_lease == "always" or (settings.gpu_lease == "auto" and device.startswith("cuda"))
@@ -63,7 +78,7 @@ def build_gate(settings: EmbedderSettings, device: str, metrics: EmbedderMetrics
 
     return BulkLease(
         LeaseClient(settings.scheduler_addr),
-        vram_bytes=int(settings.lease_vram_gib * _GIB),
+        vram_bytes=int(settings.lease_vram_gib * _GIB) or planned_vram_bytes(settings),
         priority=settings.lease_priority,
         wait_s=settings.lease_wait_s,
         linger_s=settings.lease_linger_s,

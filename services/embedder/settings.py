@@ -81,7 +81,9 @@ class EmbedderSettings(LeaseSettings):
         "on CUDA, always = on CPU too (tests), never = not at all.",
     )
     scheduler_addr: str = Field("127.0.0.1:50060", description="gRPC address of the GPU-lease scheduler.")
-    lease_vram_gib: float = Field(2.0, gt=0, description="VRAM the bulk lease asks for (weights plus activations).")
+    lease_vram_gib: float = Field(
+        0.0, ge=0, description="VRAM the bulk lease asks for [0 = the planner's estimate: weights, one batch]."
+    )
     lease_priority: int = Field(0, description="Priority of the bulk lease (training and serving use their own).")
     lease_wait_s: float = Field(
         600.0, gt=0, description="How long a bulk stream waits for the lease before RESOURCE_EXHAUSTED."

@@ -19,6 +19,7 @@ from services.gateway.routes import (
     errors,
     gpu,
     models,
+    plan,
     search,
     training,
     users,
@@ -52,7 +53,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="baton gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (documents, search, embeddings, users, training, adapters, gpu):
+    for module in (documents, search, embeddings, users, training, adapters, gpu, plan):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     for module in (chat, models):  # OpenAI's error shape, documented per route
         app.include_router(module.router)

@@ -10,6 +10,7 @@ import numpy as np
 
 from baton.runtime.errors import EmptyInput, InvalidArgument
 from baton.store.base import Filters, Hit, SearchMode, StoreQuery, VectorStore
+from services.gateway import metrics
 from services.gateway.ingest.pipeline import Embedder
 
 MAX_QUERY_CHARS = 4000
@@ -39,6 +40,10 @@ class Retriever:
             raise InvalidArgument(f"the query is longer than {MAX_QUERY_CHARS} characters", reason="QUERY_TOO_LONG")
         if not 1 <= request.k <= self._max_k:
             raise InvalidArgument(f"k must be between 1 and {self._max_k} (got {request.k})", reason="BAD_K")
+        with metrics.SEARCH_SECONDS.labels(request.mode.value).time():
+            return await self._search(request, query)
+
+    async def _search(self, request: SearchRequest, query: str) -> list[Hit]:
         vector = None
         if request.mode is not SearchMode.BM25:
             vector = np.asarray((await self._embedder.embed([query]))[0], dtype=np.float32)

@@ -16,8 +16,20 @@ class GatewaySettings(CommonSettings):
 
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the public API.")
     embedder_addr: str = Field("127.0.0.1:50061", description="gRPC address of the embedder service.")
-    store: Literal["embedded"] = Field("embedded", description="Vector store backend.")
+    store: Literal["embedded", "weaviate"] = Field(
+        "embedded", description="Vector store backend: embedded (one directory) or weaviate (a Weaviate server)."
+    )
     store_path: Path | None = Field(None, description="Embedded store directory [home/store].")
+    weaviate_url: str = Field("http://127.0.0.1:8080", description="store=weaviate: the server's REST URL.")
+    weaviate_grpc_port: int = Field(50051, ge=1, le=65535, description="store=weaviate: the server's gRPC port.")
+    weaviate_api_key: SecretStr | None = Field(
+        None, description="store=weaviate: API key, when the server requires one (empty = anonymous)."
+    )
+    weaviate_collection: str = Field(
+        "BatonChunks",
+        pattern=r"^[A-Z][A-Za-z0-9_]*$",
+        description="store=weaviate: the collection of chunks (<name>State is created beside it).",
+    )
     catalog_path: Path | None = Field(None, description="Catalog SQLite file [home/catalog.sqlite].")
     allowed_roots: list[Path] = Field(
         default_factory=list,

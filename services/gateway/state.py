@@ -57,7 +57,7 @@ class GatewayState:
             tokenizer.max_input_length, tokenizer.special_tokens_count
         )
         catalog = Catalog(settings.resolved_catalog_path())
-        store = EmbeddedStore(settings.resolved_store_path())
+        store = open_store(settings)
         limits = IngestLimits(settings.max_document_bytes, settings.ingest_concurrency)
         # Cleaned texts for the trainer (documents datasets): BATON_HOME/texts/<content_hash>.txt.
         pipeline = IngestPipeline(catalog, store, embedder, tokenizer, chunking, limits, settings.home / "texts")
@@ -68,7 +68,7 @@ class GatewayState:
             embedder=info.model_id,
             languages=",".join(info.languages) or "-",
             chunk_tokens=chunking.chunk_tokens,
-            store=settings.resolved_store_path(),
+            store=settings.resolved_store_path() if settings.store == "embedded" else settings.weaviate_url,
         )
         jobs = IngestJobs(catalog, pipeline)
         # Not awaited here: the gateway serves memory without the inference service; chat says 503 until it answers.
@@ -129,3 +129,20 @@ async def _wait_for_embedder(embedder: EmbedderClient, wait_s: float):  # noqa: 
                     "start it (baton serve embedder) or set BATON_GATEWAY_EMBEDDER_ADDR"
                 ) from error
             await asyncio.sleep(0.5)
+
+
+def open_store(settings: GatewaySettings) -> VectorStore:
+    """The vector store the settings name: the embedded one in a directory, or a Weaviate server."""
+    if settings.store == "weaviate":
+        from baton.store.weaviate import WeaviateConfig, WeaviateStore
+
+        key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None
+        return WeaviateStore(
+            WeaviateConfig(
+                url=settings.weaviate_url,
+                grpc_port=settings.weaviate_grpc_port,
+                api_key=key or None,
+                collection=settings.weaviate_collection,
+            )
+        )
+    return EmbeddedStore(settings.resolved_store_path())

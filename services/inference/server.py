@@ -9,6 +9,7 @@ An engine that cannot start leaves the service FAILED (health NOT_SERVING) with 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 from pathlib import Path
@@ -85,16 +86,30 @@ def make_engine(kind: str, config: EngineConfig) -> InferenceEngine:
 
 
 def model_max_len(model_path: Path, configured: int) -> int:
-    import json
-
     config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
     config = config.get("text_config", config)
     native = int(config.get("max_position_embeddings") or 2048)
     return min(configured, native) if configured else native
 
 
-def weights_bytes(model_path: Path) -> int:
-    return sum(path.stat().st_size for path in model_path.glob("*.safetensors"))
+def planned_vram_bytes(settings: InferenceSettings, model_path: Path, device: str, max_model_len: int) -> int:
+    """The planner's peak for this model served with these settings (baton.planner.serving): the SERVING lease's
+    VRAM estimate unless lease_vram_gib is set."""
+    from baton.planner.models import ModelArch
+    from baton.planner.serving import ServingJob, serving_memory
+
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    job = ServingJob(
+        engine="hf" if resolve_engine(settings.engine) == "hf" else "vllm",
+        weights="float32" if dtype == "float32" else "bfloat16",
+        context_len=max_model_len,
+        concurrent_seqs=settings.max_concurrent_requests,
+        max_loras=settings.max_loras if settings.enable_lora else 0,
+        max_lora_rank=settings.max_lora_rank,
+        max_num_seqs=settings.max_concurrent_requests,
+    )
+    return serving_memory(ModelArch.from_config(config, name=model_path.name), job, cpu=device == "cpu").total_bytes
 
 
 def build_leases(settings: InferenceSettings, device: str, model_id: str, vram_bytes: int) -> LeaseProvider:
@@ -151,7 +166,7 @@ async def serve(settings: InferenceSettings) -> None:
     kind = resolve_engine(settings.engine)
     device = resolve_device(settings.device)
     max_model_len = model_max_len(model_path, settings.max_model_len)
-    vram_bytes = int(settings.lease_vram_gib * _GIB) or int(weights_bytes(model_path) * 1.2 + _GIB)
+    vram_bytes = int(settings.lease_vram_gib * _GIB) or planned_vram_bytes(settings, model_path, device, max_model_len)
     metrics = InferenceMetrics()
     tokenizer = PromptTokenizer(model_path)
     engine = make_engine(kind, engine_config(settings, model_path, device, max_model_len))

@@ -89,7 +89,9 @@ class InferenceSettings(LeaseSettings):
     )
     scheduler_addr: str = Field("127.0.0.1:50060", description="gRPC address of the GPU-lease scheduler.")
     lease_vram_gib: float = Field(
-        0.0, ge=0, description="VRAM the SERVING lease asks for [0 = weights size x 1.2 + KV cache, estimated]."
+        0.0,
+        ge=0,
+        description="VRAM the SERVING lease asks for [0 = the planner's estimate: weights, KV, adapters].",
     )
     lease_priority: int = Field(10, description="Priority of the SERVING lease (a chat outranks bulk embedding).")
     lease_exclusive: bool = Field(True, description="Ask for the GPU alone (false: share it within the VRAM budget).")

@@ -22,12 +22,22 @@ class GpuCapacity:
     name: str
 
 
-def detect_capacity(gpu_index: int, virtual_vram_gib: float, *, use_nvml: bool = True) -> GpuCapacity:
+def detect_capacity(
+    gpu_index: int, virtual_vram_gib: float, *, virtual_gpu: str = "rtx-pro-6000", use_nvml: bool = True
+) -> GpuCapacity:
+    """NVML's total memory of the GPU; else ``virtual_vram_gib``; else the memory of the planner's catalogue GPU
+    ``virtual_gpu`` (an unknown name is an INVALID_ARGUMENT that lists the catalogue)."""
     if use_nvml:
         found = _nvml_capacity(gpu_index)
         if found is not None:
             return found
-    capacity = GpuCapacity(int(virtual_vram_gib * GIB), "settings", f"virtual GPU ({virtual_vram_gib:g} GiB)")
+    if virtual_vram_gib > 0:
+        capacity = GpuCapacity(int(virtual_vram_gib * GIB), "settings", f"virtual GPU ({virtual_vram_gib:g} GiB)")
+    else:
+        from baton.planner.catalog import gpu
+
+        simulated = gpu(virtual_gpu)
+        capacity = GpuCapacity(simulated.memory_bytes, "settings", f"virtual {simulated.name}")
     log_event(log, "gpu.virtual", capacity_bytes=capacity.total_bytes)
     return capacity
 

@@ -518,6 +518,7 @@ class LeaseScheduler:
             counts[kind_label(holder.spec.kind)] += 1
         for kind in ("serving", "training", "embedding_bulk"):
             self._metrics.holders.labels(kind).set(counts.get(kind, 0))
+        self._metrics.set_holders({(h.spec.holder_id, kind_label(h.spec.kind)) for h in self._holders.values()})
         self._metrics.queue_length.set(len(self._waiters))
         self._metrics.vram_used.set(self._used_bytes(self._holders.values()))
 

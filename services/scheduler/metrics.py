@@ -25,6 +25,11 @@ class SchedulerMetrics:
         self.vram_capacity = Gauge("baton_lease_vram_capacity_bytes", "VRAM to hand out.", registry=registry)
         self.vram_used = Gauge("baton_lease_vram_used_bytes", "VRAM granted to holders now.", registry=registry)
         self.epoch = Gauge("baton_lease_epoch", "Newest fencing epoch granted.", registry=registry)
+        # Who holds the GPU, drawn as a state timeline; a series exists only while its lease is held.
+        self.holder = Gauge(
+            "baton_lease_holder", "1 per lease held now, by holder and kind.", ["holder", "kind"], registry=registry
+        )
+        self._holder_labels: set[tuple[str, str]] = set()
         self.grants = Counter("baton_lease_grants", "Leases granted.", ["kind"], registry=registry)
         self.releases = Counter("baton_lease_releases", "Leases released by their holder.", ["kind"], registry=registry)
         self.preemptions = Counter(
@@ -47,3 +52,11 @@ class SchedulerMetrics:
         )
         for kind in LeaseKind:
             self.holders.labels(kind_label(kind)).set(0)
+
+    def set_holders(self, holders: set[tuple[str, str]]) -> None:
+        """``baton_lease_holder`` for exactly these (holder, kind) pairs; released ones' series are removed."""
+        for gone in self._holder_labels - holders:
+            self.holder.remove(*gone)
+        for held in holders:
+            self.holder.labels(*held).set(1)
+        self._holder_labels = set(holders)

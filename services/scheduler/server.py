@@ -23,7 +23,9 @@ SERVICE_NAME = lease_pb2.DESCRIPTOR.services_by_name["GpuLease"].full_name
 
 def build_scheduler(settings: SchedulerSettings, metrics: SchedulerMetrics) -> LeaseScheduler:
     store = LeaseStore(settings.resolved_state_path(), durability=settings.durability)
-    capacity = detect_capacity(settings.gpu_index, settings.virtual_vram_gib, use_nvml=settings.use_nvml)
+    capacity = detect_capacity(
+        settings.gpu_index, settings.virtual_vram_gib, virtual_gpu=settings.virtual_gpu, use_nvml=settings.use_nvml
+    )
     policy = SchedulerPolicy(
         ttl_s=settings.ttl_s,
         yield_deadline_s=settings.yield_deadline_s,

@@ -20,8 +20,12 @@ class SchedulerSettings(ServiceSettings):
     )
     gpu_index: int = Field(0, ge=0, description="Which GPU (NVML index) this scheduler hands out.")
     use_nvml: bool = Field(True, description="Read the VRAM capacity from NVML when a GPU is present.")
+    virtual_gpu: str = Field(
+        "rtx-pro-6000",
+        description="The planner's catalogue GPU simulated when NVML finds none (its memory).",
+    )
     virtual_vram_gib: float = Field(
-        96.0, gt=0, description="VRAM of the virtual GPU used when NVML finds none (96 = RTX PRO 6000 Blackwell)."
+        0.0, ge=0, description="VRAM of the virtual GPU [0 = the virtual_gpu's memory from the planner's catalogue]."
     )
     ttl_s: float = Field(10.0, gt=0, description="A holder silent for this long loses its lease.")
     yield_deadline_s: float = Field(30.0, gt=0, description="Time a holder gets to yield before it is revoked.")

@@ -9,7 +9,7 @@ mixture-of-experts weights (3-D tensors in transformers 5) are not ``nn.Linear``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class BaseModelFacts:
     total_params: int
     weights_bytes: int
     largest_shard_bytes: int
+    config: dict[str, Any] = field(default_factory=dict, compare=False)  # config.json, for the planner
 
     @property
     def linear_params(self) -> int:
@@ -91,6 +92,7 @@ def inspect_base_model(path: Path) -> BaseModelFacts:
         total_params=sum(_numel(shape) for _dtype, shape in tensors.values()),
         weights_bytes=sum(sizes),
         largest_shard_bytes=max(sizes),
+        config=config,
     )
 
 

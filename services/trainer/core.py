@@ -807,6 +807,7 @@ class TrainerCore:
         metrics.step.set(progress.step)
         metrics.total_steps.set(progress.total_steps)
         metrics.tokens_per_second.set(progress.tokens_per_s)
+        metrics.eta_seconds.set(progress.eta_s or 0.0)
         if progress.loss is not None:
             metrics.loss.set(progress.loss)
         if progress.learning_rate is not None:

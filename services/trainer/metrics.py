@@ -29,6 +29,9 @@ class TrainerMetrics:
         self.tokens_per_second = Gauge(
             "baton_trainer_tokens_per_second", "Training throughput of the job training now.", registry=registry
         )
+        self.eta_seconds = Gauge(
+            "baton_trainer_eta_seconds", "Estimated seconds left of the job training now.", registry=registry
+        )
         self.tokens = Counter("baton_trainer_tokens", "Training tokens processed (all jobs).", registry=registry)
         self.checkpoints = Counter("baton_trainer_checkpoints", "Checkpoints saved, by reason.", ["reason"],
                                    registry=registry)  # fmt: skip
@@ -72,3 +75,4 @@ class TrainerMetrics:
     def clear_progress(self) -> None:
         for gauge in (self.step, self.total_steps, self.loss, self.learning_rate, self.tokens_per_second):
             gauge.set(0)
+        self.eta_seconds.set(0)

@@ -549,6 +549,10 @@ class TrainingRun:
         if hyper.checkpoint_every_steps and self.step % hyper.checkpoint_every_steps == 0 and not last:
             self.save_checkpoint("periodic")
 
+    def step_once(self) -> None:
+        """One optimizer step outside ``train`` (the memory probe drives the loop itself)."""
+        self._optimizer_step()
+
     def _optimizer_step(self) -> None:
         started = time.perf_counter()
         self.model.train()
@@ -685,6 +689,7 @@ class TrainingRun:
     def save_checkpoint(self, reason: str) -> Path:
         """Write ``checkpoints/step-<N>`` (aside, then renamed), drop the oldest beyond keep_checkpoints."""
         final = self.checkpoints / f"step-{self.step}"
+        started = time.monotonic()
         if not (final / CHECKPOINT_META).is_file():
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             staging = self.checkpoints / f".tmp-step-{self.step}-{os.getpid()}"
@@ -700,7 +705,9 @@ class TrainingRun:
             fsync_dir(self.checkpoints)
         self._prune()
         size = sum(path.stat().st_size for path in final.rglob("*") if path.is_file())
-        self.emit({"type": "checkpoint", "step": self.step, "reason": reason, "path": str(final), "size_bytes": size})
+        seconds = round(time.monotonic() - started, 4)  # the trainer's baton_trainer_checkpoint_seconds
+        self.emit({"type": "checkpoint", "step": self.step, "reason": reason, "path": str(final), "size_bytes": size,
+                   "seconds": seconds})  # fmt: skip
         log_event(log, "trainer.checkpoint", step=self.step, reason=reason, size_bytes=size)
         return final
 

@@ -17,6 +17,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from baton.lease import LeaseClient, LeaseKind, LeaseLost, LeaseRequest
+from baton.planner.catalog import GPUS
 from baton.runtime.errors import FailedPrecondition, ResourceExhausted
 from baton.v1 import lease_pb2, lease_pb2_grpc
 from tests.conftest import REPO_ROOT, SchedulerHandle, StartScheduler
@@ -24,7 +25,7 @@ from tests.conftest import REPO_ROOT, SchedulerHandle, StartScheduler
 pytestmark = pytest.mark.integration
 
 GIB = 1 << 30
-CAPACITY_GIB = 96  # the scheduler's default virtual GPU
+CAPACITY_BYTES = GPUS["rtx-pro-6000"].memory_bytes  # the scheduler's default virtual GPU (96 GB)
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ async def test_never_two_exclusive_holders_under_20_hammering_clients(scheduler:
             violations.append(f"{request.holder_id} exclusive granted while {[h.holder_id for h in held]} hold")
         if any(h.exclusive for h in held):
             violations.append(f"{request.holder_id} granted while an exclusive lease is held")
-        if sum(h.vram_bytes for h in held) + request.vram_bytes > CAPACITY_GIB * GIB:
+        if sum(h.vram_bytes for h in held) + request.vram_bytes > CAPACITY_BYTES:
             violations.append(f"{request.holder_id} granted beyond capacity")
         active[request.holder_id] = request
 

@@ -32,6 +32,7 @@ from baton.runtime.errors import BatonError, PayloadTooLarge
 from baton.runtime.logging import log_event
 from baton.store.analysis import detect_language
 from baton.store.base import ChunkRecord, MetadataValue, VectorStore
+from services.gateway import metrics
 from services.gateway.catalog import Catalog, DocumentRow
 from services.gateway.ingest.chunker import ResolvedChunking, chunk_document
 from services.gateway.ingest.clean import clean_text, content_hash
@@ -138,11 +139,16 @@ class IngestPipeline:
         """Ingest ``items``; documents not among them are left alone."""
         report = IngestReport(total=len(items))
         gate = asyncio.Semaphore(self._limits.concurrency)
+        metrics.INGEST_PENDING.inc(len(items))
 
         async def one(item: IngestItem) -> None:
-            async with gate:
-                outcome = await self._ingest_one(tenant, collection, item, report)
+            try:
+                async with gate:
+                    outcome = await self._ingest_one(tenant, collection, item, report)
+            finally:
+                metrics.INGEST_PENDING.dec()
             report.outcomes.append(outcome)
+            metrics.count_ingested(outcome.status, outcome.chunks if outcome.status in ("added", "updated") else 0)
             if progress is not None:
                 progress(report)
 
@@ -163,6 +169,7 @@ class IngestPipeline:
             if source not in present:
                 await self.delete_document(tenant, document_id)
                 report.outcomes.append(DocumentOutcome(source, "deleted", document_id))
+                metrics.count_ingested("deleted", 0)
         report.finished_at = time.monotonic()
         log_event(log, "ingest.folder_done", tenant=tenant, root=root, **_counts(report))
         return report

@@ -1,0 +1,69 @@
+"""``baton store migrate --to weaviate``: copy the embedded store into Weaviate (vectors and metadata as stored).
+
+Defaults come from the gateway's settings (BATON_GATEWAY_STORE_PATH, BATON_GATEWAY_WEAVIATE_URL, _GRPC_PORT,
+_API_KEY, _COLLECTION), so the copy lands where a gateway with BATON_GATEWAY_STORE=weaviate will look. Stop the
+gateway first (the embedded store is locked while it runs). Interrupted? Run the same command again: it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "store",
+        help="vector store maintenance (migrate to Weaviate)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="what", required=True, metavar="VERB")
+    verb = verbs.add_parser("migrate", help="copy the embedded store into Weaviate, resumably, and verify counts")
+    verb.add_argument("--to", choices=["weaviate"], required=True, help="the target backend")
+    verb.add_argument("--from", dest="source", type=Path, help="embedded store folder [BATON_GATEWAY_STORE_PATH]")
+    verb.add_argument("--url", help="Weaviate REST URL [BATON_GATEWAY_WEAVIATE_URL]")
+    verb.add_argument("--grpc-port", type=int, help="Weaviate gRPC port [BATON_GATEWAY_WEAVIATE_GRPC_PORT]")
+    verb.add_argument("--collection", help="target collection [BATON_GATEWAY_WEAVIATE_COLLECTION]")
+    verb.add_argument("--progress", type=Path, help="resume file [<store folder>/migrate-to-<collection>.json]")
+    verb.set_defaults(run=migrate)
+
+
+def migrate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from baton.store.migrate import migrate_to_weaviate
+    from baton.store.weaviate import WeaviateConfig, WeaviateStore
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    source = (args.source or settings.resolved_store_path()).expanduser().resolve()
+    api_key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None
+    config = WeaviateConfig(
+        url=args.url or settings.weaviate_url,
+        grpc_port=args.grpc_port or settings.weaviate_grpc_port,
+        api_key=api_key or None,
+        collection=args.collection or settings.weaviate_collection,
+    )
+    progress = args.progress or source / f"migrate-to-{config.collection}.json"
+    target = WeaviateStore(config)
+    try:
+        with tqdm(desc="migrate", unit="chunk", dynamic_ncols=True) as bar:
+
+            def advance(tenant: str, chunks: int) -> None:
+                bar.n = chunks
+                bar.set_postfix(tenant=tenant, refresh=False)
+                bar.refresh()
+
+            report = migrate_to_weaviate(source, target, progress, on_batch=advance)
+    finally:
+        target.close()
+    print(f"copied {report.chunks_copied} chunks from {source} into {config.url} collection {config.collection}")
+    for check in report.checks:
+        verdict = "ok" if check.ok else "MISMATCH"
+        print(
+            f"  {check.tenant}: {check.embedded_chunks} chunks embedded, {check.weaviate_chunks} in Weaviate, "
+            f"{check.missing_documents} documents missing, {check.extra_documents} extra: {verdict}"
+        )
+    if not report.ok:
+        raise SystemExit("baton store migrate: the counts differ (see above); run it again to resume the copy")
