@@ -313,6 +313,7 @@ def training_time(model: ModelArch, job: TrainingJob, gpu: GpuSpec) -> TimeEstim
 
 def plan_training(model: ModelArch, job: TrainingJob, gpu: GpuSpec) -> Plan:
     memory = training_memory(model, job, cpu=gpu.cpu)
+    d = dtype_bytes(job.compute_dtype)
     outcome = training_verdict(model, job, gpu, memory)
     return Plan(
         job="training",
@@ -331,12 +332,19 @@ def plan_training(model: ModelArch, job: TrainingJob, gpu: GpuSpec) -> Plan:
             "active_params": model.active_params,
             "lora_params": lora_params(model, job),
             "effective_batch_tokens": job.tokens_per_micro_batch * job.grad_accumulation,
+            # both, whichever the job chose: what checkpointing saves (or would cost)
+            "activations_with_checkpointing_bytes": _activations(model, _with(job, True), d).bytes,
+            "activations_without_checkpointing_bytes": _activations(model, _with(job, False), d).bytes,
         },
         assumptions=[
             "activations per layer counted from what a Llama/Qwen decoder layer keeps for backward (docstring)",
             "time = FLOPs / (bf16 rate x utilisation): good to about 2x",
         ],
     )
+
+
+def _with(job: TrainingJob, checkpointing: bool) -> TrainingJob:
+    return job.model_copy(update={"gradient_checkpointing": checkpointing})
 
 
 def training_verdict(model: ModelArch, job: TrainingJob, gpu: GpuSpec, memory: Breakdown) -> Verdict:

@@ -30,13 +30,12 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import re
 import secrets
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -48,6 +47,15 @@ from baton.store import fts_bm25
 from baton.store.analysis import detect_language, index_text, query_terms
 from baton.store.base import ChunkRecord, Filters, Hit, MetadataValue, SearchMode, StoreQuery
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
+from baton.store.validation import (
+    check_chunks,
+    check_dimensions,
+    check_name,
+    check_query,
+    checked_filter_key,
+    metadata_json,
+    unit_vector,
+)
 from baton.store.vector_index import IndexParams, TenantIndex, VectorHits
 
 log = logging.getLogger(__name__)
@@ -174,8 +182,8 @@ class EmbeddedStore:
 
     def delete_document(self, tenant: str, document_id: str) -> int:
         self._check_open()
-        _check_name("tenant", tenant)
-        _check_name("document_id", document_id)
+        check_name("tenant", tenant)
+        check_name("document_id", document_id)
         with self._writer:
             self._check_open()
             with self._transaction() as conn:
@@ -191,7 +199,7 @@ class EmbeddedStore:
 
     def search(self, query: StoreQuery) -> list[Hit]:
         self._check_open()
-        _check_query(query)
+        check_query(query)
         tenant_id = self._tenant_for_read(query.tenant)
         if tenant_id is None:
             return []
@@ -286,35 +294,19 @@ class EmbeddedStore:
 
     def _prepare(self, tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> list[_PreparedChunk]:
         """Validate and analyse outside the locks: stemming is the slow part of a write."""
-        _check_name("tenant", tenant)
-        _check_name("document_id", document_id)
-        seen: set[str] = set()
+        check_chunks(tenant, document_id, chunks)
         prepared = []
         for chunk in chunks:
-            if chunk.tenant != tenant or chunk.document_id != document_id:
-                raise InvalidArgument(
-                    f"chunk {chunk.chunk_id!r} belongs to tenant {chunk.tenant!r}, document {chunk.document_id!r}; "
-                    f"this call replaces tenant {tenant!r}, document {document_id!r}",
-                    reason="CHUNK_OWNER_MISMATCH",
-                )
-            _check_name("chunk_id", chunk.chunk_id)
-            if chunk.chunk_id in seen:
-                raise InvalidArgument(f"chunk id {chunk.chunk_id!r} appears twice in one document", reason="DUPLICATE")
-            seen.add(chunk.chunk_id)
-            if not isinstance(chunk.text, str):
-                raise InvalidArgument(f"chunk {chunk.chunk_id!r}: text must be a string", reason="BAD_TEXT")
             prepared.append(
                 _PreparedChunk(
                     chunk.chunk_id,
                     chunk.text,
                     index_text(chunk.text),
-                    _metadata_json(chunk.chunk_id, chunk.metadata),
-                    _unit_vector(chunk.vector, f"chunk {chunk.chunk_id!r}"),
+                    metadata_json(chunk.chunk_id, chunk.metadata),
+                    unit_vector(chunk.vector, f"chunk {chunk.chunk_id!r}"),
                 )
             )
-        dims = {chunk.vector.size for chunk in prepared}
-        if len(dims) > 1:
-            raise InvalidArgument(f"the chunks' vectors differ in size: {sorted(dims)}", reason="DIMENSION_MISMATCH")
+        check_dimensions({chunk.vector.size for chunk in prepared})
         return prepared
 
     @contextlib.contextmanager
@@ -556,7 +548,7 @@ class EmbeddedStore:
                 f"{query.mode.value} search needs the query's vector; embed the query, or use mode=bm25",
                 reason="VECTOR_REQUIRED",
             )
-        vector = _unit_vector(query.vector, "the query vector")
+        vector = unit_vector(query.vector, "the query vector")
         if self._dim is not None and vector.size != self._dim:
             raise InvalidArgument(
                 f"the query vector has {vector.size} dimensions; this store holds {self._dim}-dimensional vectors",
@@ -687,7 +679,7 @@ class EmbeddedStore:
         return None if row is None else int(row[0])
 
     def _tenant_for_read(self, tenant: str) -> int | None:
-        _check_name("tenant", tenant)
+        check_name("tenant", tenant)
         tenant_id = self._tenant_ids.get(tenant)
         if tenant_id is None:
             tenant_id = self._existing_tenant(self._reader(), tenant)
@@ -732,7 +724,7 @@ def _filter_clauses(filters: Filters, indexed: Sequence[str]) -> tuple[list[str]
             column = _json_path_sql(key)
         else:
             column = "json_extract(metadata, ?)"
-            params.append(f'$."{_checked_filter_key(key)}"')
+            params.append(f'$."{checked_filter_key(key)}"')
         clauses.append(f"{column} IN ({','.join('?' * len(values))})")
         params.extend(int(value) if isinstance(value, bool) else value for value in values)
     return clauses, params
@@ -742,48 +734,6 @@ def _checked_key(key: str) -> str:
     if not _METADATA_KEY.match(key):
         raise ValueError(f"indexed metadata key {key!r}: use letters, digits and underscores")
     return key
-
-
-def _checked_filter_key(key: str) -> str:
-    if not isinstance(key, str) or not key or '"' in key or "\\" in key or len(key) > 256:
-        raise InvalidArgument(f"filter key {key!r} is not a usable metadata key", reason="BAD_FILTER")
-    return key
-
-
-def _check_name(what: str, value: object) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument(f"{what} must be a non-empty string (got {value!r})", reason="BAD_ID")
-
-
-def _check_query(query: StoreQuery) -> None:
-    if query.k < 1:
-        raise InvalidArgument(f"k must be at least 1 (got {query.k})", reason="BAD_K")
-    if query.vector_weight is not None and not 0.0 <= query.vector_weight <= 1.0:
-        raise InvalidArgument(f"vector_weight must be within 0..1 (got {query.vector_weight})", reason="BAD_WEIGHT")
-    if not isinstance(query.text, str):
-        raise InvalidArgument("the query text must be a string", reason="BAD_QUERY")
-
-
-def _unit_vector(vector: object, what: str) -> np.ndarray:
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1 or array.size == 0:
-        raise InvalidArgument(f"{what}: a vector must be one-dimensional and non-empty", reason="BAD_VECTOR")
-    norm = float(np.linalg.norm(array))
-    if not math.isfinite(norm) or norm == 0.0:
-        raise InvalidArgument(f"{what}: the vector is zero or not finite", reason="BAD_VECTOR")
-    return (array / norm).astype(np.float32)
-
-
-def _metadata_json(chunk_id: str, metadata: Mapping[str, MetadataValue]) -> str:
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str | int | float | bool):
-            raise InvalidArgument(
-                f"chunk {chunk_id!r}: metadata {key!r} must map to a string, number or boolean (got {value!r})",
-                reason="BAD_METADATA",
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidArgument(f"chunk {chunk_id!r}: metadata {key!r} is not finite", reason="BAD_METADATA")
-    return json.dumps(dict(metadata), ensure_ascii=False, separators=(",", ":"))
 
 
 def _batches(items: Sequence | np.ndarray, size: int) -> Iterator:

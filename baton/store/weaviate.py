@@ -66,14 +66,16 @@ from weaviate.exceptions import (
 from baton.runtime.errors import BatonError, InvalidArgument, Unavailable, UpstreamFailed
 from baton.store.analysis import detect_language, index_text, query_terms
 from baton.store.base import ChunkRecord, Filters, Hit, MetadataValue, SearchMode, StoreQuery
-from baton.store.embedded import (
-    _check_name,
-    _check_query,
-    _checked_filter_key,
-    _metadata_json,
-    _unit_vector,
-)
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
+from baton.store.validation import (
+    check_chunks,
+    check_dimensions,
+    check_name,
+    check_query,
+    checked_filter_key,
+    metadata_json,
+    unit_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +216,8 @@ class WeaviateStore:
             _write_state(states_of, state)
 
     def delete_document(self, tenant: str, document_id: str) -> int:
-        _check_name("tenant", tenant)
-        _check_name("document_id", document_id)
+        check_name("tenant", tenant)
+        check_name("document_id", document_id)
         with self._writer, self._errors("delete"):
             self._check_open()
             name = self._existing_tenant(tenant)
@@ -235,7 +237,7 @@ class WeaviateStore:
         return removed
 
     def search(self, query: StoreQuery) -> list[Hit]:
-        _check_query(query)
+        check_query(query)
         vector = _query_vector(query)
         with self._errors("search"):
             self._check_open()
@@ -517,7 +519,7 @@ class WeaviateStore:
         return self._client.collections.use(name), self._client.collections.use(state_name)
 
     def _existing_tenant(self, tenant: str) -> str | None:
-        _check_name("tenant", tenant)
+        check_name("tenant", tenant)
         name = weaviate_tenant_name(tenant)
         if name in self._known_tenants:
             return name
@@ -769,7 +771,7 @@ def _user_filter(filters: Filters) -> _Filters | bool | None:
             texts = [str(int(value)) if isinstance(value, bool) else str(value) for value in values]
             parts.append(wvc.query.Filter.by_property(key).contains_any(texts))
         else:
-            tokens = [filter_token(_checked_filter_key(key), value) for value in values]
+            tokens = [filter_token(checked_filter_key(key), value) for value in values]
             parts.append(wvc.query.Filter.by_property("filters").contains_any(tokens))
     return _and(*parts)
 
@@ -779,36 +781,20 @@ def _user_filter(filters: Filters) -> _Filters | bool | None:
 
 def _prepare(tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> list[dict[str, Any]]:
     """Validate (the embedded store's rules) and analyse outside the lock; one dict per chunk."""
-    _check_name("tenant", tenant)
-    _check_name("document_id", document_id)
-    seen: set[str] = set()
+    check_chunks(tenant, document_id, chunks)
     prepared = []
     for chunk in chunks:
-        if chunk.tenant != tenant or chunk.document_id != document_id:
-            raise InvalidArgument(
-                f"chunk {chunk.chunk_id!r} belongs to tenant {chunk.tenant!r}, document {chunk.document_id!r}; "
-                f"this call replaces tenant {tenant!r}, document {document_id!r}",
-                reason="CHUNK_OWNER_MISMATCH",
-            )
-        _check_name("chunk_id", chunk.chunk_id)
-        if chunk.chunk_id in seen:
-            raise InvalidArgument(f"chunk id {chunk.chunk_id!r} appears twice in one document", reason="DUPLICATE")
-        seen.add(chunk.chunk_id)
-        if not isinstance(chunk.text, str):
-            raise InvalidArgument(f"chunk {chunk.chunk_id!r}: text must be a string", reason="BAD_TEXT")
         prepared.append(
             {
                 "chunk_id": chunk.chunk_id,
                 "text": chunk.text,
                 "terms": index_text(chunk.text),
-                "metadata": _metadata_json(chunk.chunk_id, chunk.metadata),
+                "metadata": metadata_json(chunk.chunk_id, chunk.metadata),
                 "filters": [filter_token(key, value) for key, value in chunk.metadata.items()],
-                "vector": _unit_vector(chunk.vector, f"chunk {chunk.chunk_id!r}"),
+                "vector": unit_vector(chunk.vector, f"chunk {chunk.chunk_id!r}"),
             }
         )
-    dims = {chunk["vector"].size for chunk in prepared}
-    if len(dims) > 1:
-        raise InvalidArgument(f"the chunks' vectors differ in size: {sorted(dims)}", reason="DIMENSION_MISMATCH")
+    check_dimensions({chunk["vector"].size for chunk in prepared})
     return prepared
 
 
@@ -882,7 +868,7 @@ def _query_vector(query: StoreQuery) -> np.ndarray | None:
             f"{query.mode.value} search needs the query's vector; embed the query, or use mode=bm25",
             reason="VECTOR_REQUIRED",
         )
-    return _unit_vector(query.vector, "the query vector")
+    return unit_vector(query.vector, "the query vector")
 
 
 def _candidate(properties: Mapping[str, Any], vector: np.ndarray | None) -> _Candidate:

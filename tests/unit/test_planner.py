@@ -117,6 +117,8 @@ def test_memory_moves_the_right_way_with_each_setting() -> None:
         return training_memory(model, base.model_copy(update=changes)).total_bytes
 
     assert peak(gradient_checkpointing=False) > peak()
+    facts = plan_training(model, base, catalog.gpu("h100-80gb")).facts
+    assert facts["activations_without_checkpointing_bytes"] > 10 * facts["activations_with_checkpointing_bytes"]
     assert peak(seq_len=4096) > peak() > peak(seq_len=1024)
     assert peak(micro_batch=4) > peak()
     assert peak(method="lora") > peak() + model.linear_params  # 2 B instead of ~0.5 per linear weight
