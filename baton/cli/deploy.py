@@ -175,7 +175,14 @@ def status(args: argparse.Namespace) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("deploy", help="baton in Kubernetes: `baton deploy status`")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = actions.add_parser("status", help="workloads, pods and the GPU lease in the cluster (exit 1: not ready)")
+    show = actions.add_parser(
+        "status",
+        help="workloads, pods and the GPU lease in the cluster (exit 1: not ready)",
+        description="Read the Deployments, StatefulSets and Pods of deploy/k8s with your kubeconfig's credentials, "
+        "and the GPU lease (holders, queue, epoch, VRAM) from the scheduler's /metrics through the API server's "
+        "service proxy (no port-forward). Exits 1 while anything is not ready.",
+        epilog="example: kubectl apply -k deploy/k8s/overlays/single-gpu && baton deploy status -n baton",
+    )
     show.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE, help="namespace of deploy/k8s [baton]")
     show.add_argument("--context", default=None, help="kubeconfig context [the current one]")
     show.set_defaults(run=status)

@@ -19,7 +19,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = parser.add_subparsers(dest="what", required=True, metavar="VERB")
-    verb = verbs.add_parser("migrate", help="copy the embedded store into Weaviate, resumably, and verify counts")
+    verb = verbs.add_parser(
+        "migrate",
+        help="copy the embedded store into Weaviate, resumably, and verify counts",
+        description="Copy every tenant's chunks (vectors, texts, metadata as stored: no re-embedding) from the "
+        "embedded store into Weaviate, 200 documents per batch, recording a cursor so that running the same "
+        "command again after an interruption resumes; then verify chunk counts and document ids per tenant "
+        "(exit 1 on a mismatch). Stop the gateway first: the embedded store is locked while it runs.",
+        epilog="example: baton store migrate --to weaviate --from var/store --url http://weaviate:8080",
+    )
     verb.add_argument("--to", choices=["weaviate"], required=True, help="the target backend")
     verb.add_argument("--from", dest="source", type=Path, help="embedded store folder [BATON_GATEWAY_STORE_PATH]")
     verb.add_argument("--url", help="Weaviate REST URL [BATON_GATEWAY_WEAVIATE_URL]")
