@@ -47,12 +47,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlparse
 
+import grpc
 import numpy as np
 import weaviate
 import weaviate.classes as wvc
+import weaviate.connect.v4 as weaviate_connection
 from weaviate.collections import Collection
 from weaviate.collections.classes.filters import _Filters
 from weaviate.exceptions import (
@@ -92,6 +94,28 @@ _READ_BACKOFF_S = 0.002
 # Weaviate tenant names: letters, digits, '-' and '_', 1–64 characters. Others are hashed (with this prefix,
 # which a literal name is never allowed to start with, so the two forms cannot collide).
 _HASHED_TENANT_PREFIX = "h--"
+
+
+# weaviate-client repeats a gRPC call the server refused (UNAVAILABLE) five times, sleeping 1+2+4+8+16+32 s in
+# between: with the server down, every search waited 63 s for its 503, and a folder ingest 63 s per document (writes
+# are serialised) — hours for a folder. The pauses are hard-coded (weaviate/connect/v4.py, ``_Retry(4)``), so the
+# store replaces them with short ones: a blip of the connection is still ridden out, a dead server is a 503 in ~3 s.
+_RETRY_PAUSES_S = (0.2, 0.4, 0.8, 1.6)
+
+
+class _ShortRetry(weaviate_connection._Retry):
+    def with_exponential_backoff(self, count: int, error: str, f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        for pause in _RETRY_PAUSES_S:
+            try:
+                return f(*args, **kwargs)
+            except grpc.RpcError as rpc_error:
+                if cast(grpc.Call, rpc_error).code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            time.sleep(pause)
+        return f(*args, **kwargs)  # the last try: its error reaches the client's own handling, then ``_errors``
+
+
+weaviate_connection._Retry = _ShortRetry  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -167,6 +191,9 @@ class WeaviateStore:
         self._known_tenants: set[str] = set()
         self._recovered: set[str] = set()
         self._closed = False
+        # Set when the server stopped answering: until its readiness probe answers again, calls fail at once
+        # instead of each waiting out the client's retries (an ingest would wait per document).
+        self._unreachable = False
         try:
             self._chunks, self._states = self._ensure_collections()
         except BaseException:
@@ -535,17 +562,23 @@ class WeaviateStore:
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
         """Weaviate's exceptions as baton errors: a server that does not answer is 503 with what to do."""
+        if self._unreachable and not self._closed:
+            if not self.health():
+                raise _unavailable(self.config, action, ConnectionError("its readiness probe fails"))
+            self._unreachable = False
         try:
             yield
         except BatonError:
             raise
         except (WeaviateConnectionError, WeaviateGRPCUnavailableError, WeaviateTimeoutError) as error:
+            self._unreachable = True
             raise _unavailable(self.config, action, error) from error
         except WeaviateClosedClientError as error:
             raise Unavailable(f"the Weaviate store ({self.config.url}) is closed", reason="STORE_CLOSED") from error
         except WeaviateBaseError as error:
             message = str(error)
             if _looks_unreachable(message):
+                self._unreachable = True
                 raise _unavailable(self.config, action, error) from error
             if _about_vector_size(message):
                 raise InvalidArgument(
