@@ -270,21 +270,19 @@ def test_baton_users_cli(
     assert "admin key" in str(refused.value)
 
 
-def test_baton_up_writes_an_admin_key_and_a_key_for_me(
-    embedder_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_baton_up_writes_an_admin_key_and_a_key_for_me(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BATON_GATEWAY_ADMIN_KEY", raising=False)
     monkeypatch.delenv("BATON_API_KEY", raising=False)
     monkeypatch.setenv("BATON_HOME", str(tmp_path))
-    ports = StackPorts(embedder=embedder_service.grpc_port, gateway=free_port())
+    # Every port free: the defaults (50060-50063, 8000, 8081) may be taken by other tests' servers on this machine.
+    ports = StackPorts(*(free_port() for _ in range(6)))
 
-    def up_gateway_only() -> Stack:
+    def up_stack() -> Stack:  # the whole stack, as `baton up` starts it
         stack = Stack(tmp_path, ports)
-        stack.processes = [process for process in stack.processes if process.name == "gateway"]  # shared embedder
         stack.up()
         return stack
 
-    stack = up_gateway_only()
+    stack = up_stack()
     try:
         for name in ("admin.key", "api.key"):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
@@ -298,7 +296,7 @@ def test_baton_up_writes_an_admin_key_and_a_key_for_me(
         stack.down()
 
     admin_key = (tmp_path / "admin.key").read_text()
-    stack = up_gateway_only()  # a second start keeps both keys, and the memory
+    stack = up_stack()  # a second start keeps both keys, and the memory
     try:
         assert (tmp_path / "admin.key").read_text() == admin_key and stack.api_key == api_key
         with GatewayClient(ports.gateway_url) as client:
@@ -307,7 +305,7 @@ def test_baton_up_writes_an_admin_key_and_a_key_for_me(
         stack.down()
 
     (tmp_path / "api.key").write_text("bt_a-key-that-no-longer-works\n")
-    stack = up_gateway_only()  # a dead api.key is replaced; `me` keeps its tenant and memory
+    stack = up_stack()  # a dead api.key is replaced; `me` keeps its tenant and memory
     try:
         assert stack.api_key != api_key and (tmp_path / "api.key").read_text().strip() == stack.api_key
         assert stat.S_IMODE((tmp_path / "api.key").stat().st_mode) == 0o600
