@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import yaml
 from baton.clients.gateway import GatewayClient
 from baton.runtime.process import ServiceProcess, free_port, http_ok
 from baton.stack import StackPorts, ensure_admin_key, ensure_default_user, resolve_model, stack_processes
+from tests.fixtures.components import missing_component
 from tests.fixtures.embedder import ONNX_CACHE
 from tests.fixtures.trainer import author_text
 
@@ -52,10 +52,7 @@ JOB_TIMEOUT_S = 240.0
 def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
-        message = "Prometheus is not installed (make deploy-check installs Debian's package)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_component("Prometheus is not installed (make deploy-check installs Debian's package)")
     return binary
 
 
