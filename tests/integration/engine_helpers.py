@@ -125,10 +125,11 @@ async def run(
     *,
     request_id: str = "r",
     streaming: asyncio.Event | None = None,
+    lag: float = 0.0,
     **sampling: object,
 ) -> Output:
     """Generate (greedy, ``MAX_TOKENS`` unless told otherwise) and collect the stream; ``streaming`` is set at the
-    first delta."""
+    first delta; ``lag`` seconds of sleep after each delta make a slow consumer."""
     params: dict[str, object] = {"max_tokens": MAX_TOKENS, "temperature": 0.0, **sampling}
     out = Output()
     async for delta in engine.generate(EngineRequest(request_id, ids, Sampling(**params), adapter)):  # type: ignore[arg-type]
@@ -141,6 +142,8 @@ async def run(
         if delta.finish_reason is not None:
             out.finish_reason, out.matched_stop = delta.finish_reason, delta.matched_stop
             out.cached_prompt_tokens = delta.cached_prompt_tokens
+        if lag:
+            await asyncio.sleep(lag)
     out.done_at = time.monotonic()
     return out
 
