@@ -1,4 +1,5 @@
-"""HTTP side of the error taxonomy, for every FastAPI app (gateway, the embedder's TEI API).
+"""HTTP side of the error taxonomy, for every FastAPI app (gateway, the embedder's TEI API), and the few response
+helpers both apps share (fast JSON, OpenAI's embedding encodings).
 
 Domain errors become ``{"error", "error_type", "reason", ...}`` with their HTTP status (TEI's split) and a
 ``Retry-After`` header when the error carries a hint; request validation failures become 422 in the same shape;
@@ -7,10 +8,14 @@ anything unexpected is logged and answered 500 without leaking internals.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
+from typing import Literal
 
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baton.runtime.errors import BatonError, EmptyInput, Internal, InvalidArgument, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
+
+EmbeddingEncoding = Literal["float", "base64"]
 
 
 def error_response(error: BatonError) -> JSONResponse:
@@ -57,3 +64,17 @@ def install_error_handlers(app: FastAPI) -> None:
 def _describe(error: dict) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     return f"{where or 'body'}: {error.get('msg', 'invalid')}"
+
+
+def fast_json_response(content: object) -> Response:
+    """A compact JSON response. json.dumps directly: FastAPI's generic encoder is several times slower on the
+    thousands of floats of an embeddings answer."""
+    return Response(json.dumps(content, separators=(",", ":")), media_type="application/json")
+
+
+def encode_embedding(vector: np.ndarray, encoding_format: EmbeddingEncoding) -> list[float] | str:
+    """One vector in OpenAI's encodings: a list of numbers, or base64 of little-endian float32 bytes (what
+    openai-python asks for unless told otherwise: a quarter of the bytes on the wire)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()

@@ -11,26 +11,27 @@ serve both transports.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from baton.runtime.errors import PayloadTooLarge
-from baton.runtime.http import error_response, install_error_handlers
+from baton.runtime.http import (
+    EmbeddingEncoding,
+    encode_embedding,
+    error_response,
+    fast_json_response,
+    install_error_handlers,
+)
 from services.embedder.core import EmbedderCore, EmbedOptions
 from services.embedder.metrics import EmbedderMetrics
-
-_JSON = "application/json"
 
 
 class EmbedBody(BaseModel):
@@ -60,7 +61,7 @@ class OpenAIEmbeddingsBody(BaseModel):
 
     input: str | list[str] = Field(description="A text or a list of texts.")
     model: str | None = Field(None, description="Ignored: this server has one model (its id is in the answer).")
-    encoding_format: Literal["float", "base64"] = Field(
+    encoding_format: EmbeddingEncoding = Field(
         "float", description="float: lists of numbers; base64: little-endian float32 bytes (what openai-python asks)."
     )
     dimensions: int | None = Field(None, description="Matryoshka size (only for models that support it).")
@@ -79,7 +80,7 @@ def create_app(core: EmbedderCore, metrics: EmbedderMetrics, *, max_body_bytes: 
     @app.post("/embed", response_model=list[list[float]], tags=["TEI"], summary="Embed one text or a batch")
     async def embed(body: EmbedBody) -> Response:
         embeddings = await core.embed(_as_list(body.inputs), body.options())
-        return _json_response(embeddings.vectors.tolist())
+        return fast_json_response(embeddings.vectors.tolist())
 
     @app.get("/info", tags=["TEI"], summary="The model and the server's limits (TEI fields, plus languages)")
     async def info() -> dict[str, object]:
@@ -115,11 +116,11 @@ def create_app(core: EmbedderCore, metrics: EmbedderMetrics, *, max_body_bytes: 
     async def openai_embeddings(body: OpenAIEmbeddingsBody) -> Response:
         embeddings = await core.embed(_as_list(body.input), EmbedOptions(dimensions=body.dimensions))
         data = [
-            {"object": "embedding", "index": index, "embedding": _encode(vector, body.encoding_format)}
+            {"object": "embedding", "index": index, "embedding": encode_embedding(vector, body.encoding_format)}
             for index, vector in enumerate(embeddings.vectors)
         ]
         usage = {"prompt_tokens": embeddings.total_tokens, "total_tokens": embeddings.total_tokens}
-        return _json_response({"object": "list", "data": data, "model": embeddings.model_id, "usage": usage})
+        return fast_json_response({"object": "list", "data": data, "model": embeddings.model_id, "usage": usage})
 
     @app.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
@@ -130,17 +131,6 @@ def create_app(core: EmbedderCore, metrics: EmbedderMetrics, *, max_body_bytes: 
 
 def _as_list(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else inputs
-
-
-def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
-
-
-def _json_response(content: object) -> Response:
-    # json.dumps directly: FastAPI's generic encoder is several times slower on thousands of floats.
-    return Response(json.dumps(content, separators=(",", ":")), media_type=_JSON)
 
 
 def _version() -> str:

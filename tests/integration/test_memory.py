@@ -5,12 +5,14 @@ Each test works in its own tenant (and folder), so tests share the session's pro
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -316,3 +318,32 @@ def test_embeddings_proxy_speaks_openai(gateway_service: GatewayHandle) -> None:
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.3
+    assert result.model and result.usage.prompt_tokens == result.usage.total_tokens > 0
+    # openai-python asks for base64 unless told otherwise; floats, asked for, are the same vectors.
+    as_floats = client.embeddings.create(model="minilm", input="eating food", encoding_format="float")
+    assert as_floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-6)
+    raw = httpx.post(
+        f"{gateway_service.url}/v1/embeddings",
+        json={"input": "eating food", "encoding_format": "base64"},
+        headers=gateway_service.headers("embeddings"),
+    ).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(vectors[0], abs=1e-6)
+
+
+def test_embeddings_errors_are_openai_errors(gateway_service: GatewayHandle) -> None:
+    client = openai.OpenAI(
+        base_url=f"{gateway_service.url}/v1", api_key=gateway_service.key("embeddings"), max_retries=0
+    )
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.embeddings.create(model="minilm", input=["a text", ""])
+    assert empty.value.code == "empty_input" and "non-empty" in empty.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as malformed:
+        client.embeddings.create(model="minilm", input="a text", encoding_format="int8")  # type: ignore[arg-type]
+    assert malformed.value.code == "invalid_request" and "encoding_format" in malformed.value.message
+    junk = httpx.post(
+        f"{gateway_service.url}/v1/embeddings",
+        content=b"\x00\xff{not json",
+        headers={"content-type": "application/json"} | gateway_service.headers("embeddings"),
+    )
+    assert junk.status_code in (400, 422) and junk.json()["error"]["type"] == "invalid_request_error"

@@ -197,7 +197,8 @@ def test_admin_routes_refuse_user_keys_and_data_routes_refuse_the_admin_key(gate
                    ("POST", "/v1/search"), ("POST", "/v1/embeddings"), ("GET", "/v1/stats")]  # fmt: skip
     for method, path in data_routes:
         response = httpx.request(method, gateway_service.url + path, headers=bearer(gateway_service.admin_key))
-        assert response.status_code == 403 and response.json()["reason"] == "ADMIN_KEY_NOT_A_USER", (method, path)
+        body = unified_error(response.json())
+        assert response.status_code == 403 and body["reason"] == "ADMIN_KEY_NOT_A_USER", (method, path)
         assert httpx.request(method, gateway_service.url + path, headers=bearer(user_key)).status_code != 403
     with GatewayClient(gateway_service.url, api_key=gateway_service.admin_key) as admin_client:
         assert admin_client.me() == {"admin": True, "user": None, "tenant": None, "key_id": None}

@@ -1,36 +1,49 @@
-"""POST /v1/embeddings: OpenAI's shape, answered by the embedder service."""
+"""POST /v1/embeddings: OpenAI's request, answer and error shape, answered by the embedder service."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
 from baton.runtime.errors import EmptyInput
+from baton.runtime.http import EmbeddingEncoding, encode_embedding, fast_json_response
 from services.gateway.routes.deps import gateway_state
+from services.gateway.routes.openai_errors import ERROR_RESPONSES, OpenAIRoute
 from services.gateway.state import GatewayState
 from services.gateway.tenancy import current_tenant
 
-router = APIRouter(tags=["openai"])
+# OpenAIRoute: failures answer {"error": {"message", "type", "param", "code"}}, so OpenAI clients raise their own
+# error classes (BadRequestError, AuthenticationError, ...) with baton's message.
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
 class EmbeddingsBody(BaseModel):
     input: str | list[str] = Field(description="A text or a list of texts.")
-    model: str | None = Field(None, description="Ignored: the embedder serves one model (see /v1/models later).")
+    model: str | None = Field(None, description="Ignored: the embedder serves one model (its id is in the answer).")
+    encoding_format: EmbeddingEncoding = Field(
+        "float", description="float: lists of numbers; base64: little-endian float32 bytes (what openai-python asks)."
+    )
+    user: str | None = Field(None, description="Ignored: the API key says who asks.")
 
 
 # Not tenant data, but compute: any user's key may embed; no key may not.
-@router.post("/v1/embeddings", summary="Embed texts (OpenAI-compatible)", dependencies=[Depends(current_tenant)])
-async def embeddings(body: EmbeddingsBody, state: Annotated[GatewayState, Depends(gateway_state)]) -> dict[str, Any]:
+@router.post(
+    "/v1/embeddings",
+    summary="Embed texts (OpenAI-compatible)",
+    dependencies=[Depends(current_tenant)],
+    responses=ERROR_RESPONSES,
+)
+async def embeddings(body: EmbeddingsBody, state: Annotated[GatewayState, Depends(gateway_state)]) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not text for text in texts):
         raise EmptyInput("input is empty; send a non-empty text or list of texts", reason="EMPTY_INPUT")
     vectors = await state.embedder.embed(texts)
     counts = await state.embedder.count_tokens(texts)
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
-        "model": state.embedder_model,
-        "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)},
-    }
+    data = [
+        {"object": "embedding", "index": index, "embedding": encode_embedding(vector, body.encoding_format)}
+        for index, vector in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
+    return fast_json_response({"object": "list", "data": data, "model": state.embedder_model, "usage": usage})
