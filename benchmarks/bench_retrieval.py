@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baton.store.base import ChunkRecord, SearchMode, StoreQuery
+from baton.store.base import ChunkRecord, SearchMode, StoreQuery, VectorStore
 from baton.store.embedded import EmbeddedStore
 from baton.store.vector_index import IndexParams, inner_products
 from benchmarks.common import percentile, print_table
@@ -243,22 +243,9 @@ def main() -> None:
         store.close()
         store = open_store(path, args, ef_search=ef)
         store.warm(TENANT)
-
-        def vector(query: Query, store: EmbeddedStore = store) -> list[str]:
-            hits = store.search(StoreQuery(tenant=TENANT, vector=query.vector, k=10, mode=SearchMode.VECTOR))
-            return [hit.chunk_id for hit in hits]
-
-        latency, results = timed(vector, queries)
+        latency, results = timed(searcher(store, SearchMode.VECTOR), queries)
         rows.append(_row(f"store vector (HNSW efSearch {ef})", latency, baseline, recall_at_10(results, truth)))
-
-    def hybrid(query: Query) -> list[str]:
-        request = StoreQuery(tenant=TENANT, text=query.text, vector=query.vector, k=10, embedder_languages=["*"])
-        return [hit.chunk_id for hit in store.search(request)]
-
-    def bm25(query: Query) -> list[str]:
-        hits = store.search(StoreQuery(tenant=TENANT, text=query.text, k=10, mode=SearchMode.BM25))
-        return [hit.chunk_id for hit in hits]
-
+    hybrid, bm25 = searcher(store, SearchMode.HYBRID), searcher(store, SearchMode.BM25)
     rows.append(_row(f"store hybrid (efSearch {args.ef_search[-1]})", timed(hybrid, queries)[0], baseline, None))
     rows.append(_row("store BM25 (FTS5)", timed(bm25, queries)[0], baseline, None))
     store.close()
@@ -308,19 +295,8 @@ def weaviate_rows(
         build.append(("disk: Weaviate data folder", folder_size(workdir / "weaviate") / 2**30, "GiB"))
         print_table("Build (Weaviate)", ["step", "seconds or GiB", "note"], build)
 
-        def vector(query: Query) -> list[str]:
-            hits = store.search(StoreQuery(tenant=TENANT, vector=query.vector, k=10, mode=SearchMode.VECTOR))
-            return [hit.chunk_id for hit in hits]
-
-        def hybrid(query: Query) -> list[str]:
-            request = StoreQuery(tenant=TENANT, text=query.text, vector=query.vector, k=10, embedder_languages=["*"])
-            return [hit.chunk_id for hit in store.search(request)]
-
-        def bm25(query: Query) -> list[str]:
-            hits = store.search(StoreQuery(tenant=TENANT, text=query.text, k=10, mode=SearchMode.BM25))
-            return [hit.chunk_id for hit in hits]
-
-        latency, results = timed(vector, queries)
+        latency, results = timed(searcher(store, SearchMode.VECTOR), queries)
+        hybrid, bm25 = searcher(store, SearchMode.HYBRID), searcher(store, SearchMode.BM25)
         return [
             _row("weaviate vector (HNSW ef 128)", latency, baseline, recall_at_10(results, truth)),
             _row("weaviate hybrid (two searches, baton fusion)", timed(hybrid, queries)[0], baseline, None),
@@ -329,6 +305,24 @@ def weaviate_rows(
     finally:
         store.close()
         server.stop()
+
+
+def searcher(store: VectorStore, mode: SearchMode) -> Callable[[Query], list[str]]:
+    """One benchmark query through ``store`` in ``mode``: the ids of its top 10. Every store answers the same
+    request, so the rows of both backends measure the same thing."""
+
+    def search(query: Query) -> list[str]:
+        request = StoreQuery(
+            tenant=TENANT,
+            text="" if mode is SearchMode.VECTOR else query.text,
+            vector=None if mode is SearchMode.BM25 else query.vector,
+            k=10,
+            mode=mode,
+            embedder_languages=["*"],
+        )
+        return [hit.chunk_id for hit in store.search(request)]
+
+    return search
 
 
 def _row(name: str, latencies: list[float], baseline: float, recall: float | None) -> list[object]:

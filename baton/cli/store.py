@@ -23,7 +23,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "migrate",
         help="copy the embedded store into Weaviate, resumably, and verify counts",
         description="Copy every tenant's chunks (vectors, texts, metadata as stored: no re-embedding) from the "
-        "embedded store into Weaviate, 200 documents per batch, recording a cursor so that running the same "
+        "embedded store into Weaviate, --batch-documents at a time, recording a cursor so that running the same "
         "command again after an interruption resumes; then verify chunk counts and document ids per tenant "
         "(exit 1 on a mismatch). Stop the gateway first: the embedded store is locked while it runs.",
         epilog="example: baton store migrate --to weaviate --from var/store --url http://weaviate:8080",
@@ -34,6 +34,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     verb.add_argument("--grpc-port", type=int, help="Weaviate gRPC port [BATON_GATEWAY_WEAVIATE_GRPC_PORT]")
     verb.add_argument("--collection", help="target collection [BATON_GATEWAY_WEAVIATE_COLLECTION]")
     verb.add_argument("--progress", type=Path, help="resume file [<store folder>/migrate-to-<collection>.json]")
+    verb.add_argument(
+        "--batch-documents",
+        type=int,
+        default=200,  # migrate.DOCUMENTS_PER_BATCH, not imported here: it would load the Weaviate client for --help
+        metavar="N",
+        help="documents per Weaviate batch and per cursor step; lower it for documents of thousands of chunks [200]",
+    )
     verb.set_defaults(run=migrate)
 
 
@@ -63,7 +70,9 @@ def migrate(args: argparse.Namespace) -> None:
                 bar.set_postfix(tenant=tenant, refresh=False)
                 bar.refresh()
 
-            report = migrate_to_weaviate(source, target, progress, on_batch=advance)
+            report = migrate_to_weaviate(
+                source, target, progress, on_batch=advance, documents_per_batch=args.batch_documents
+            )
     finally:
         target.close()
     print(f"copied {report.chunks_copied} chunks from {source} into {config.url} collection {config.collection}")

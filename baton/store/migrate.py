@@ -2,7 +2,7 @@
 
 The embedded store is opened first (its directory lock keeps a gateway from writing during the copy; its schema
 version is checked), then read through a read-only SQLite connection: tenant by tenant, documents in document-id
-order, ``DOCUMENTS_PER_BATCH`` at a time, each batch written with ``WeaviateStore.replace_documents`` — a replace,
+order, ``documents_per_batch`` (200) at a time, each batch written with ``WeaviateStore.replace_documents`` — a replace,
 so writing a document twice leaves it once. After each batch the cursor (tenant, last document id) goes to the
 progress file; a re-run starts after it, and redoing the batch that was cut off is harmless. Finally every tenant is
 verified: the same chunk count and the same document ids on both sides.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baton.runtime.errors import FailedPrecondition
+from baton.runtime.errors import FailedPrecondition, InvalidArgument
 from baton.store.base import ChunkRecord
 from baton.store.embedded import EmbeddedStore
 from baton.store.weaviate import WeaviateStore
@@ -74,8 +74,11 @@ def migrate_to_weaviate(
     progress_path: Path,
     *,
     on_batch: Callable[[str, int], None] | None = None,
+    documents_per_batch: int = DOCUMENTS_PER_BATCH,
 ) -> MigrationReport:
     """Copy ``source`` (an embedded store directory) into ``target``; resumable through ``progress_path``."""
+    if documents_per_batch < 1:
+        raise InvalidArgument(f"documents per batch must be at least 1 (got {documents_per_batch})")
     if not (source / "store.sqlite").exists():
         raise FailedPrecondition(f"{source} holds no embedded store (no store.sqlite)", reason="NO_SOURCE_STORE")
     embedded = EmbeddedStore(source)  # the lock and the schema check
@@ -88,7 +91,7 @@ def migrate_to_weaviate(
                     continue
                 if progress.tenant != tenant:
                     progress.tenant, progress.after = tenant, ""
-                for documents in _document_batches(conn, tenant, progress.after):
+                for documents in _document_batches(conn, tenant, progress.after, documents_per_batch):
                     target.replace_documents(tenant, documents)
                     progress.after = max(documents)
                     progress.chunks += sum(len(chunks) for chunks in documents.values())
@@ -126,7 +129,9 @@ class _read_only:
         self.conn.close()
 
 
-def _document_batches(conn: sqlite3.Connection, tenant: str, after: str) -> Iterator[dict[str, list[ChunkRecord]]]:
+def _document_batches(
+    conn: sqlite3.Connection, tenant: str, after: str, size: int
+) -> Iterator[dict[str, list[ChunkRecord]]]:
     (tenant_id,) = conn.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()
     while True:
         documents = [
@@ -134,7 +139,7 @@ def _document_batches(conn: sqlite3.Connection, tenant: str, after: str) -> Iter
             for (document_id,) in conn.execute(
                 "SELECT DISTINCT document_id FROM chunks WHERE tenant_id = ? AND document_id > ? "
                 "ORDER BY document_id LIMIT ?",
-                (tenant_id, after, DOCUMENTS_PER_BATCH),
+                (tenant_id, after, size),
             )
         ]
         if not documents:

@@ -113,10 +113,9 @@ def embedded_source(tmp_path: Path) -> Path:
 
 
 def test_migrate_copies_the_embedded_store_resumably(
-    embedded_source: Path, start_weaviate: StartWeaviate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedded_source: Path, start_weaviate: StartWeaviate, tmp_path: Path
 ) -> None:
     server = start_weaviate()
-    monkeypatch.setattr(migrate, "DOCUMENTS_PER_BATCH", 5)
     progress = tmp_path / "progress.json"
     target = connect(server, "Migrated")
 
@@ -125,13 +124,14 @@ def test_migrate_copies_the_embedded_store_resumably(
             raise KeyboardInterrupt  # cut off mid-copy, after a few batches
 
     with pytest.raises(KeyboardInterrupt):
-        migrate.migrate_to_weaviate(embedded_source, target, progress, on_batch=interrupt)
+        # 5 documents per batch: the small corpus spans several batches, so the copy can be cut off between them.
+        migrate.migrate_to_weaviate(embedded_source, target, progress, on_batch=interrupt, documents_per_batch=5)
     assert 0 < target.count("alice") < embedded_count(embedded_source, "alice")
     target.close()
 
     # The same command again, through the CLI: it resumes and verifies.
     target_flags = ["--url", server.url, "--grpc-port", str(server.grpc_port), "--collection", "Migrated"]
-    resume_flags = ["--from", str(embedded_source), "--progress", str(progress)]
+    resume_flags = ["--from", str(embedded_source), "--progress", str(progress), "--batch-documents", "5"]
     baton_cli(["store", "migrate", "--to", "weaviate", *resume_flags, *target_flags])
     target = connect(server, "Migrated")
     source = EmbeddedStore(embedded_source)
@@ -165,6 +165,15 @@ def test_migrate_refuses_a_folder_without_a_store(start_weaviate: StartWeaviate,
     with pytest.raises(SystemExit, match="no embedded store"):
         target_flags = ["--url", server.url, "--grpc-port", str(server.grpc_port)]
         baton_cli(["store", "migrate", "--to", "weaviate", "--from", str(tmp_path / "nothing"), *target_flags])
+
+
+def test_migrate_refuses_an_empty_batch(embedded_source: Path, start_weaviate: StartWeaviate, tmp_path: Path) -> None:
+    server = start_weaviate()
+    target_flags = ["--url", server.url, "--grpc-port", str(server.grpc_port), "--collection", "Never"]
+    with pytest.raises(SystemExit, match="at least 1"):
+        baton_cli(["store", "migrate", "--to", "weaviate", "--from", str(embedded_source), "--batch-documents", "0",
+                   "--progress", str(tmp_path / "progress.json"), *target_flags])  # fmt: skip
+    assert not (tmp_path / "progress.json").exists()
 
 
 def test_gateway_settings_open_a_weaviate_store(weaviate_server: WeaviateServer, tmp_path: Path) -> None:
