@@ -8,7 +8,6 @@ config.json is read); the GPU a catalogue name or your own figures. Choose jobs 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,6 +21,7 @@ from baton.planner.report import render
 from baton.planner.scenario import SCENARIOS, build_report, scenario
 from baton.planner.serving import ServingJob
 from baton.planner.training import DEFAULT_TARGETS, TrainingJob
+from baton.runtime.files import model_config
 
 EXAMPLES = """examples:
   baton plan --scenario seed                      the bundled case, as a report with tables
@@ -117,14 +117,7 @@ def load_model(name: str) -> ModelArch:
     """A catalogue name, or a local folder's config.json (the only file read)."""
     folder = Path(name).expanduser()
     if folder.is_dir():
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise SystemExit(f"baton plan: {folder} has no config.json (give a Hugging Face model folder)")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SystemExit(f"baton plan: {config_path} is unreadable: {error}") from None
-        return ModelArch.from_config(config, name=folder.name)
+        return ModelArch.from_config(model_config(folder), name=folder.name)
     return catalog.model(name)
 
 

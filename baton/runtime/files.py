@@ -1,4 +1,5 @@
-"""Durable file operations: what "written aside, then renamed" needs to survive a crash or a power loss."""
+"""File operations: what "written aside, then renamed" needs to survive a crash or a power loss, and reading a model
+folder's metadata (config.json, safetensors headers) without loading the model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import struct
 from pathlib import Path
 from typing import Any
+
+from baton.runtime.errors import FailedPrecondition
 
 _MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
 
@@ -45,3 +48,20 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     return header
+
+
+def model_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face model folder's ``config.json``. A missing or unreadable file is a FAILED_PRECONDITION that
+    names the file, the same for every service and command that reads one."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FailedPrecondition(
+            f"{folder} has no config.json (give a Hugging Face model folder)", reason="MODEL_CONFIG_MISSING"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FailedPrecondition(f"{path} is unreadable: {error}", reason="MODEL_CONFIG_UNREADABLE") from None
+    if not isinstance(config, dict):
+        raise FailedPrecondition(f"{path} is not a JSON object", reason="MODEL_CONFIG_UNREADABLE")
+    return config

@@ -8,10 +8,10 @@ while the model loads in a thread, and turn SERVING / 200 when it is ready; a pr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
+from baton.runtime.files import model_config
 from baton.runtime.grpc_server import GrpcService, run_until_signalled
 from baton.runtime.logging import log_event
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
@@ -61,8 +61,7 @@ def planned_vram_bytes(settings: EmbedderSettings) -> int:
     from baton.planner.rag import RagJob, rag_vram
 
     model_path = settings.resolved_model_path()
-    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
-    encoder = EmbeddingModel.from_config(config, name=model_path.name)
+    encoder = EmbeddingModel.from_config(model_config(model_path), name=model_path.name)
     seq = min(encoder.max_tokens, settings.max_batch_tokens)
     job = RagJob(chunk_tokens=max(8, seq - 2), batch_size=max(1, settings.max_batch_tokens // seq))
     return rag_vram(job, encoder, cpu=False).total_bytes

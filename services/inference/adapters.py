@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.runtime.errors import InvalidArgument, NotFound
-from baton.runtime.files import safetensors_header
+from baton.runtime.files import model_config, safetensors_header
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CONFIG_FILE = "adapter_config.json"
@@ -39,7 +39,7 @@ class ServedModel:
 
     @classmethod
     def from_folder(cls, model_path: Path, model_id: str) -> ServedModel:
-        config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+        config = model_config(model_path)
         config = config.get("text_config", config)  # multimodal wrappers keep the LM's config inside
         hidden = int(config["hidden_size"])
         heads = int(config.get("num_attention_heads", 1))

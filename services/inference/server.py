@@ -9,13 +9,13 @@ An engine that cannot start leaves the service FAILED (health NOT_SERVING) with 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 from pathlib import Path
 
 from baton import __version__
 from baton.runtime.errors import InvalidArgument
+from baton.runtime.files import model_config
 from baton.runtime.grpc_server import GrpcService, run_until_signalled
 from baton.runtime.logging import log_event
 from baton.v1 import inference_pb2, inference_pb2_grpc
@@ -86,7 +86,7 @@ def make_engine(kind: str, config: EngineConfig) -> InferenceEngine:
 
 
 def model_max_len(model_path: Path, configured: int) -> int:
-    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    config = model_config(model_path)
     config = config.get("text_config", config)
     native = int(config.get("max_position_embeddings") or 2048)
     return min(configured, native) if configured else native
@@ -98,7 +98,7 @@ def planned_vram_bytes(settings: InferenceSettings, model_path: Path, device: st
     from baton.planner.models import ModelArch
     from baton.planner.serving import ServingJob, serving_memory
 
-    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    config = model_config(model_path)
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     job = ServingJob(
         engine="hf" if resolve_engine(settings.engine) == "hf" else "vllm",

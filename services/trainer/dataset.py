@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from baton.runtime.errors import InvalidArgument
+from baton.runtime.errors import FailedPrecondition, InvalidArgument
+from baton.runtime.files import model_config
 from services.gateway.ingest.clean import clean_text
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
@@ -219,8 +220,8 @@ def load_tokenizer(model_path: Path) -> Any:
 def model_max_positions(model_path: Path) -> int | None:
     """The model's context length from config.json, or None when the config does not say."""
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        config = model_config(Path(model_path))
+    except FailedPrecondition:
         return None
     for holder in (config, config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         _track_live_memory()
     import torch
 
+    from baton.runtime.files import model_config
     from services.trainer.dataset import BuiltDataset, DatasetStats
     from services.trainer.training import JobSpec, TrainingRun
 
-    config = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
+    config = model_config(args.model)
     vocab = int(config.get("text_config", config)["vocab_size"])
     spec = JobSpec.from_json(_spec_json(args))
     blocks = _random_blocks(vocab, args.seq_len, args.micro_batch * args.steps, seed=0)

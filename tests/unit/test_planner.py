@@ -244,3 +244,8 @@ def test_baton_plan_reads_a_local_config_and_rejects_bad_input(tmp_path: Path) -
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no config.json" in _baton("--model", str(empty)).stderr
+    (empty / "config.json").write_bytes(b"\xff\x00 not json")
+    junk = _baton("--model", str(empty))
+    assert junk.returncode != 0 and "config.json is unreadable" in junk.stderr
+    (empty / "config.json").write_text("[1, 2]")
+    assert "not a JSON object" in _baton("--model", str(empty)).stderr
