@@ -8,6 +8,7 @@ gateway first (the embedded store is locked while it runs). Interrupted? Run the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -48,17 +49,17 @@ def migrate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from baton.store.migrate import migrate_to_weaviate
-    from baton.store.weaviate import WeaviateConfig, WeaviateStore
+    from baton.store.weaviate import WeaviateStore
     from services.gateway.settings import GatewaySettings
 
     settings = GatewaySettings()
     source = (args.source or settings.resolved_store_path()).expanduser().resolve()
-    api_key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None
-    config = WeaviateConfig(
-        url=args.url or settings.weaviate_url,
-        grpc_port=args.grpc_port or settings.weaviate_grpc_port,
-        api_key=api_key or None,
-        collection=args.collection or settings.weaviate_collection,
+    configured = settings.weaviate_config()
+    config = dataclasses.replace(
+        configured,
+        url=args.url or configured.url,
+        grpc_port=args.grpc_port or configured.grpc_port,
+        collection=args.collection or configured.collection,
     )
     progress = args.progress or source / f"migrate-to-{config.collection}.json"
     target = WeaviateStore(config)

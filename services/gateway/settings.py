@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
 from baton.runtime.settings import CommonSettings, service_config
 from services.gateway.auth import check_admin_key
+
+if TYPE_CHECKING:
+    from baton.store.weaviate import WeaviateConfig
 
 
 class GatewaySettings(CommonSettings):
@@ -115,3 +118,15 @@ class GatewaySettings(CommonSettings):
 
     def resolved_catalog_path(self) -> Path:
         return self.catalog_path or self.home / "catalog.sqlite"
+
+    def weaviate_config(self) -> WeaviateConfig:
+        """store=weaviate: the server and collection these settings name (for the gateway and ``baton store``)."""
+        from baton.store.weaviate import WeaviateConfig  # the Weaviate client loads only where it is used
+
+        key = self.weaviate_api_key.get_secret_value() if self.weaviate_api_key else None
+        return WeaviateConfig(
+            url=self.weaviate_url,
+            grpc_port=self.weaviate_grpc_port,
+            api_key=key or None,
+            collection=self.weaviate_collection,
+        )

@@ -134,15 +134,7 @@ async def _wait_for_embedder(embedder: EmbedderClient, wait_s: float):  # noqa: 
 def open_store(settings: GatewaySettings) -> VectorStore:
     """The vector store the settings name: the embedded one in a directory, or a Weaviate server."""
     if settings.store == "weaviate":
-        from baton.store.weaviate import WeaviateConfig, WeaviateStore
+        from baton.store.weaviate import WeaviateStore
 
-        key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None
-        return WeaviateStore(
-            WeaviateConfig(
-                url=settings.weaviate_url,
-                grpc_port=settings.weaviate_grpc_port,
-                api_key=key or None,
-                collection=settings.weaviate_collection,
-            )
-        )
+        return WeaviateStore(settings.weaviate_config())
     return EmbeddedStore(settings.resolved_store_path())
