@@ -2,6 +2,7 @@
 
     async with EmbedderClient("127.0.0.1:50061") as embedder:
         vectors = await embedder.embed(["first chunk", "second chunk"])   # float32, (2, dim), unit length
+        answer = await embedder.embed_with_usage(["a question"])           # + total_tokens and model_id
         counts = await embedder.count_tokens(["does this fit?"])
 
 Big lists are split into requests of the server's ``max_client_batch_size`` and sent concurrently, so the server's
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -22,7 +24,7 @@ from baton.runtime.errors import BatonError, PayloadTooLarge, from_rpc_error
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
 from baton.v1.embedder_pb2 import EmbedderInfoResponse, EmbedderTokenization
 
-__all__ = ["EmbedderClient", "EmbedderInfoResponse", "EmbedderTokenization", "RemoteTokenizer"]
+__all__ = ["EmbedderClient", "EmbedderInfoResponse", "EmbedderTokenization", "Embeddings", "RemoteTokenizer"]
 
 T = TypeVar("T")
 
@@ -48,6 +50,15 @@ def embedder_error(error: grpc.RpcError) -> BatonError:
     if specific is None or isinstance(mapped, specific):
         return mapped
     return specific(mapped.message, reason=mapped.reason, metadata=mapped.metadata, retry_after_s=mapped.retry_after_s)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One ``embed_with_usage`` answer."""
+
+    vectors: np.ndarray  # float32 (len(texts), dim), in input order
+    total_tokens: int  # tokens of every input, as the server counted them while embedding (OpenAI's usage)
+    model_id: str  # the model that made the vectors
 
 
 class EmbedderClient:
@@ -88,6 +99,18 @@ class EmbedderClient:
         An input over the model's max_input_length raises ``PayloadTooLarge`` (reason INPUT_TOO_LONG, metadata
         ``index`` into ``texts``) unless ``truncate``.
         """
+        answer = await self.embed_with_usage(texts, normalize=normalize, truncate=truncate, prompt_name=prompt_name)
+        return answer.vectors
+
+    async def embed_with_usage(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = True,
+        truncate: bool = False,
+        prompt_name: str | None = None,
+    ) -> Embeddings:
+        """``embed``, plus the tokens the server counted and its model id: no second round trip to count them."""
         size = await self._max_batch()
         requests = [
             embedder_pb2.EmbedRequest(
@@ -97,16 +120,19 @@ class EmbedderClient:
         ]
         limit = asyncio.Semaphore(_CONCURRENT_REQUESTS)
 
-        async def send(index: int, request: embedder_pb2.EmbedRequest) -> np.ndarray:
+        async def send(index: int, request: embedder_pb2.EmbedRequest) -> embedder_pb2.EmbedResponse:
             async with limit:
                 try:
-                    response = await self._call(self.stub.Embed, request)
+                    return await self._call(self.stub.Embed, request)
                 except BatonError as error:
                     raise _shift_index(error, index * size) from None
-            return _vectors(response)
 
-        parts = await asyncio.gather(*(send(index, request) for index, request in enumerate(requests)))
-        return np.vstack(parts)
+        responses = await asyncio.gather(*(send(index, request) for index, request in enumerate(requests)))
+        return Embeddings(
+            vectors=np.vstack([_vectors(response) for response in responses]),
+            total_tokens=sum(response.total_tokens for response in responses),
+            model_id=responses[0].model_id,
+        )
 
     async def tokenize(
         self,

@@ -346,6 +346,11 @@ async def test_client_embeds_any_number_of_texts_like_sentence_transformers(
     assert vectors.shape == (70, 384) and vectors.dtype == np.float32
     assert cosines(vectors, reference_model.encode(texts, batch_size=64)).min() >= 0.999
     assert await client.count_tokens(["hello world"]) == [4]
+    # Usage across the split into requests: the sum of every text's tokens, with the same vectors.
+    answer = await client.embed_with_usage(texts)
+    assert answer.total_tokens == sum(await client.count_tokens(texts))
+    assert answer.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert np.allclose(answer.vectors, vectors, atol=1e-6)
     (tokenization,) = await client.tokenize(["hello world"])
     assert list(tokenization.ids) == [101, 7592, 2088, 102]
 

@@ -318,7 +318,9 @@ def test_embeddings_proxy_speaks_openai(gateway_service: GatewayHandle) -> None:
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.3
-    assert result.model and result.usage.prompt_tokens == result.usage.total_tokens > 0
+    # MiniLM's WordPiece: [CLS] eating food [SEP], [CLS] eating bread [SEP], [CLS] stock market fell [SEP].
+    assert result.model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert result.usage.prompt_tokens == result.usage.total_tokens == 4 + 4 + 5
     # openai-python asks for base64 unless told otherwise; floats, asked for, are the same vectors.
     as_floats = client.embeddings.create(model="minilm", input="eating food", encoding_format="float")
     assert as_floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-6)

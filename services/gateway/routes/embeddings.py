@@ -39,11 +39,10 @@ async def embeddings(body: EmbeddingsBody, state: Annotated[GatewayState, Depend
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not text for text in texts):
         raise EmptyInput("input is empty; send a non-empty text or list of texts", reason="EMPTY_INPUT")
-    vectors = await state.embedder.embed(texts)
-    counts = await state.embedder.count_tokens(texts)
+    answer = await state.embedder.embed_with_usage(texts)
     data = [
         {"object": "embedding", "index": index, "embedding": encode_embedding(vector, body.encoding_format)}
-        for index, vector in enumerate(vectors)
+        for index, vector in enumerate(answer.vectors)
     ]
-    usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
-    return fast_json_response({"object": "list", "data": data, "model": state.embedder_model, "usage": usage})
+    usage = {"prompt_tokens": answer.total_tokens, "total_tokens": answer.total_tokens}
+    return fast_json_response({"object": "list", "data": data, "model": answer.model_id, "usage": usage})
