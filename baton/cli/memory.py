@@ -1,4 +1,5 @@
-"""``baton ingest``, ``baton search``, ``baton eval retrieval``: thin clients of the gateway's HTTP API."""
+"""``baton ingest``, ``baton search``, ``baton eval retrieval`` (registered by baton.cli.evaluate): thin clients of the
+gateway's HTTP API."""
 
 from __future__ import annotations
 
@@ -129,13 +130,3 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--collection", default=None)
     add_gateway_flags(parser)
     parser.set_defaults(run=search)
-
-    parser = commands.add_parser("eval", help="measure quality: `baton eval retrieval --beir DIR`")
-    kinds = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    retrieval = kinds.add_parser("retrieval", help="nDCG@10, recall@10/@100, MRR on a BEIR-layout dataset")
-    retrieval.add_argument("--beir", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
-    retrieval.add_argument("--modes", default="bm25,vector,hybrid", help="comma-separated search modes")
-    retrieval.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
-    retrieval.add_argument("--user", default=None, help="user and tenant that holds the dataset [eval-<dataset>]")
-    add_gateway_flags(retrieval)
-    retrieval.set_defaults(run=eval_retrieval)

