@@ -548,19 +548,8 @@ def report_failures(summaries: dict[str, Summary]) -> None:
 
 
 def run_all(args: argparse.Namespace, root: Path) -> dict[str, Summary]:
-    from baton.models.tiny import build_tiny_model
-
     started = time.perf_counter()
-    model = build_tiny_model(
-        root / "tiny-qwen3",
-        hidden_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        intermediate_size=384,
-        max_position_embeddings=max(1024, args.seq_len),
-    )
+    model = bench_model(args.model, root, args.seq_len)
     corpus = write_corpus(root / "corpus.jsonl", documents=args.documents, sentences=8, seed=0)
     print(f"model and corpus ready in {time.perf_counter() - started:.1f} s ({root})", flush=True)
     names = list(args.configs)
@@ -584,6 +573,27 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Summary]:
             print(progress_line(result, repeat), flush=True)
         pair_with_baseline(summaries, BASELINE, repeat)
     return summaries
+
+
+def bench_model(name: str, root: Path, seq_len: int) -> Path:
+    """The tiny random Qwen3 (built here), or a real pretrained model from baton's catalogue (prepared once into
+    BATON_MODELS_DIR, the cache ``make models`` fills)."""
+    if name != "tiny":
+        from baton.models.pretrained import models_dir, prepare
+
+        return prepare(name, models_dir(REPO_ROOT / "var"))
+    from baton.models.tiny import build_tiny_model
+
+    return build_tiny_model(
+        root / "tiny-qwen3",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=384,
+        max_position_embeddings=max(1024, seq_len),
+    )
 
 
 def child_command(config: Config, job_dir: Path) -> list[str]:
@@ -625,8 +635,8 @@ def print_summary(summaries: dict[str, Summary], args: argparse.Namespace, basel
     tokens_per_step = args.seq_len * args.batch * args.accumulation
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     title = (
-        f"Training on the CPU: {args.steps} steps of {args.batch}x{args.accumulation} sequences of {args.seq_len} "
-        f"tokens ({tokens_per_step} tokens/step), LoRA rank {args.rank}, {args.threads} thread(s), "
+        f"Training {args.model} on the CPU: {args.steps} steps of {args.batch}x{args.accumulation} sequences of "
+        f"{args.seq_len} tokens ({tokens_per_step} tokens/step), LoRA rank {args.rank}, {args.threads} thread(s), "
         f"load average {load}; medians over {args.repeat} repeats; ratios vs {CONFIGS[baseline].label}, same repeat"
     )
     vs = f"vs {baseline}"
@@ -640,6 +650,11 @@ def _ratio(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (a random ~1M-parameter Qwen3 built here) or a real model: smollm2-135m-instruct, gemma3-270m",
+    )
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (>= 2)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats of every configuration (medians reported)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")

@@ -102,6 +102,7 @@ class BuiltDataset:
     stats: DatasetStats
     pad_token_id: int
     notes: list[str] = field(default_factory=list)  # things people should know (skipped documents, truncation)
+    eval_document_ids: list[str] = field(default_factory=list)  # the held-out documents (baton eval views reads them)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def build_dataset(
         format=fmt,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes)
+    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, list(header["eval"]))
 
 
 def split_documents(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -378,12 +379,24 @@ def _bad_lines(path: Path, bad: list[tuple[int, str]], fmt: LineFormat | None) -
 
 def _encode(doc: _Document, tokenizer: Any, train_on_prompt: bool) -> Block:
     if doc.text is not None:
-        ids = list(tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids = leading_special_ids(tokenizer) + tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids.append(int(tokenizer.eos_token_id))  # the model learns where a document ends
         return Block(ids, list(ids))
     assert doc.messages is not None
     return _encode_chat(doc, tokenizer, train_on_prompt)
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before every text (Gemma's ``<bos>``; none for Qwen or SmolLM2), so that
+    a document trains as the model reads text when it serves: a Gemma trained without its ``<bos>`` learns in a
+    setting it never meets again (its output without ``<bos>`` is garbage)."""
+    plain = list(tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"])
+    marked = list(tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"])
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return [int(token) for token in marked[:start]]
+    return []
 
 
 def _encode_chat(doc: _Document, tokenizer: Any, train_on_prompt: bool) -> Block:

@@ -2,8 +2,10 @@
 FAILED_PRECONDITION for NF4 without bitsandbytes) with a message that says what to fix.
 
 Decisions where the contract leaves room:
-- an unset ``seq_len`` is 1024 or the model's ``max_position_embeddings`` if that is smaller (an unset value must not
-  fail with SEQ_LEN_TOO_LONG); a set one above the maximum fails;
+- an unset ``seq_len`` is 1024 on a GPU, 256 on a CPU, or the model's ``max_position_embeddings`` if that is smaller
+  (an unset value must not fail with SEQ_LEN_TOO_LONG); a set one above the maximum fails;
+- unset quantization is NF4 (QLoRA) on a GPU and plain LoRA on a CPU where the float32 base fits in half the memory;
+  unset accumulation is 8 micro-batches on a GPU, 4 on a CPU (measured: see the CPU constants below);
 - the job's recorded ``target_modules`` lists the projections found when the request left them empty (what the job
   uses); the training process gets the request's list unchanged (empty = its own choice of the same projections,
   plus the MoE options);
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,15 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bi
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SEQ_LEN = 1024
+# CPU defaults, chosen by measurement (benchmarks/bench_train.py, README "Training on a CPU"): SmolLM2-135M trains at
+# ~100 tokens/s a thread with plain LoRA at 256-512 tokens a sequence, 0.7-0.8x that with NF4 (bitsandbytes' 4-bit
+# kernels on a CPU dequantise every matmul), and 1024-token sequences are ~10 % slower again. 256 x 4 = 1,024 tokens a
+# step gives a small corpus (a few dozen notes) tens of steps an epoch, a progress bar that moves every few seconds.
+CPU_DEFAULT_SEQ_LEN = 256
+CPU_DEFAULT_ACCUMULATION = 4
+GPU_DEFAULT_ACCUMULATION = 8
+# NF4 on a CPU only where the plain float32 base would take more than this share of the machine's memory.
+CPU_PLAIN_MEMORY_SHARE = 0.5
 
 N = TypeVar("N", int, float)
 
@@ -66,7 +78,7 @@ def resolve_spec(request: JobSpec, ctx: ValidationContext) -> ResolvedJob:
     spec.base_model_path = str(facts.path)
     _resolve_dataset(spec, ctx)
     _resolve_lora(spec.lora, facts)
-    _resolve_quantization(spec, ctx)
+    _resolve_quantization(spec, ctx, facts)
     _resolve_hyperparameters(spec.hyperparameters, facts, ctx.device)
     spec.gpu.priority = ctx.default_priority if spec.gpu.priority is None else spec.gpu.priority
     spec.gpu.preemptible = True if spec.gpu.preemptible is None else spec.gpu.preemptible
@@ -122,9 +134,9 @@ def _resolve_lora(lora: LoraSettings, facts: BaseModelFacts) -> None:
         lora.target_modules = [name for name in DEFAULT_TARGETS if name in facts.linear_names]
 
 
-def _resolve_quantization(spec: JobSpec, ctx: ValidationContext) -> None:
+def _resolve_quantization(spec: JobSpec, ctx: ValidationContext, facts: BaseModelFacts) -> None:
     quant = spec.quantization
-    quant.method = quant.method or "nf4"
+    quant.method = quant.method or default_quantization(ctx.device, facts.total_params)
     if quant.method == "nf4" and not ctx.nf4_supported:
         raise FailedPrecondition(
             "NF4 (QLoRA) needs bitsandbytes, which is not installed here; install the ml extra or train plain LoRA "
@@ -137,6 +149,19 @@ def _resolve_quantization(spec: JobSpec, ctx: ValidationContext) -> None:
         raise InvalidArgument(f"unknown compute dtype {quant.compute_dtype!r}", reason="OUT_OF_RANGE")
 
 
+def default_quantization(device: str, total_params: int, memory_bytes: int | None = None) -> str:
+    """QLoRA (NF4) on a GPU, where it saves the VRAM it is for. On a CPU plain LoRA where the float32 base fits in
+    half the machine's memory: bitsandbytes' 4-bit path there is slower and saves memory nobody is short of."""
+    if device == "cuda":
+        return "nf4"
+    memory = memory_bytes if memory_bytes is not None else _machine_memory_bytes()
+    return "none" if total_params * 4 <= memory * CPU_PLAIN_MEMORY_SHARE else "nf4"
+
+
+def _machine_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _resolve_hyperparameters(hyper: Hyperparameters, facts: BaseModelFacts, device: str) -> None:
     lr = 2e-4 if hyper.learning_rate is None else hyper.learning_rate
     hyper.learning_rate = _in_range("hyperparameters.learning_rate", lr, 0.0, 1.0, open_low=True)
@@ -145,9 +170,10 @@ def _resolve_hyperparameters(hyper: Hyperparameters, facts: BaseModelFacts, devi
     hyper.lr_schedule = hyper.lr_schedule or "cosine"
     if hyper.lr_schedule not in LR_SCHEDULES:
         raise InvalidArgument(f"unknown lr_schedule {hyper.lr_schedule!r}", reason="OUT_OF_RANGE")
-    _resolve_seq_len(hyper, facts)
+    _resolve_seq_len(hyper, facts, device)
     hyper.micro_batch_size = _in_range("hyperparameters.micro_batch_size", hyper.micro_batch_size or 1, 1, 4096)
-    accumulation = hyper.grad_accumulation_steps or 8
+    default_accumulation = GPU_DEFAULT_ACCUMULATION if device == "cuda" else CPU_DEFAULT_ACCUMULATION
+    accumulation = hyper.grad_accumulation_steps or default_accumulation
     hyper.grad_accumulation_steps = _in_range("hyperparameters.grad_accumulation_steps", accumulation, 1, 65536)
     _resolve_length(hyper)
     eval_fraction = 0.05 if hyper.eval_fraction is None else hyper.eval_fraction
@@ -169,10 +195,10 @@ def _resolve_hyperparameters(hyper: Hyperparameters, facts: BaseModelFacts, devi
     hyper.max_grad_norm = _in_range("hyperparameters.max_grad_norm", norm, 0.0, 1e6)
 
 
-def _resolve_seq_len(hyper: Hyperparameters, facts: BaseModelFacts) -> None:
+def _resolve_seq_len(hyper: Hyperparameters, facts: BaseModelFacts, device: str) -> None:
     maximum = facts.max_position_embeddings or DEFAULT_SEQ_LEN
     if hyper.seq_len is None:
-        hyper.seq_len = min(DEFAULT_SEQ_LEN, maximum)
+        hyper.seq_len = min(DEFAULT_SEQ_LEN if device == "cuda" else CPU_DEFAULT_SEQ_LEN, maximum)
     elif hyper.seq_len > maximum:
         raise InvalidArgument(
             f"seq_len {hyper.seq_len} is above {facts.path.name}'s maximum of {maximum} tokens "

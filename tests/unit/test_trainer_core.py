@@ -213,15 +213,16 @@ async def test_submit_fills_every_default_and_estimates_resources(harness: Harne
     spec = job.spec
     assert (spec.lora.rank, spec.lora.alpha, spec.lora.dropout) == (16, 32.0, 0.05)
     assert spec.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # On a CPU: plain LoRA (the tiny base fits in memory many times over), 256-token sequences, 4 micro-batches a step.
     assert (spec.quantization.method, spec.quantization.double_quant, spec.quantization.compute_dtype) == (
-        "nf4", True, "float32"
+        "none", True, "float32"
     )  # fmt: skip
     hyper = spec.hyperparameters
-    assert hyper.seq_len == 256  # unset: min(1024, the model's maximum)
+    assert hyper.seq_len == 256  # unset on a CPU: min(256, the model's maximum)
     assert (hyper.learning_rate, hyper.warmup_ratio, hyper.lr_schedule, hyper.optimizer) == (
         2e-4, 0.03, "cosine", "adamw_torch"
     )  # fmt: skip
-    assert (hyper.micro_batch_size, hyper.grad_accumulation_steps, hyper.eval_fraction) == (1, 8, 0.05)
+    assert (hyper.micro_batch_size, hyper.grad_accumulation_steps, hyper.eval_fraction) == (1, 4, 0.05)
     assert hyper.max_steps == 3 and hyper.epochs is None  # only max_steps set: no epoch limit
     assert hyper.eval_every_steps == hyper.checkpoint_every_steps == 2 and hyper.keep_checkpoints == 2
     assert spec.gpu.priority == 5 and spec.gpu.preemptible is True and spec.hot_load is True
@@ -278,12 +279,12 @@ async def test_unknown_target_modules_list_the_models_linear_modules(harness: Ha
 async def test_nf4_without_bitsandbytes_is_a_failed_precondition(harness: Harness) -> None:
     harness.nf4_supported = False
     core = await harness.start()
+    asked = harness.spec()
+    asked.quantization = QuantSettings(method="nf4")
     with pytest.raises(FailedPrecondition) as refused:
-        await core.submit(harness.spec())
+        await core.submit(asked)
     assert refused.value.reason == "QUANT_UNSUPPORTED"
-    spec = harness.spec()
-    spec.quantization = QuantSettings(method="none")
-    assert (await core.submit(spec)).spec.quantization.method == "none"
+    assert (await core.submit(harness.spec())).spec.quantization.method == "none"  # the CPU default needs no bnb
 
 
 async def test_resubmitting_the_same_request_id_returns_the_first_job(harness: Harness) -> None:
@@ -713,8 +714,28 @@ def test_the_wire_format_keeps_unset_fields_unset_and_round_trips_a_resolved_spe
     resolved = resolve_spec(spec, validation)
     wire = job_to_proto(Job("job-x", resolved.spec, estimate=resolved.estimate)).spec
     assert wire.lora.HasField("rank") and wire.lora.rank == 16 and wire.hyperparameters.learning_rate == 2e-4
-    assert wire.quantization.method == pb.TRAINER_QUANT_METHOD_NF4 and wire.hot_load is True
+    assert wire.quantization.method == pb.TRAINER_QUANT_METHOD_NONE and wire.hot_load is True  # CPU default
     assert wire.hyperparameters.lr_schedule == pb.TRAINER_LR_SCHEDULE_COSINE
     assert not wire.hyperparameters.HasField("max_steps") and wire.hyperparameters.epochs == 1.0
     assert wire.gpu.preemptible is False and wire.gpu.vram_bytes == resolved.estimate.vram_bytes
     assert spec_from_proto(wire) == resolved.spec  # what GetJob shows can be submitted again as it is
+
+
+def test_quantization_and_length_defaults_follow_the_device() -> None:
+    from services.trainer.validation import default_quantization
+
+    gib = 1 << 30
+    assert default_quantization("cuda", 135_000_000) == "nf4"  # QLoRA where VRAM is what it saves
+    assert default_quantization("cpu", 135_000_000, memory_bytes=24 * gib) == "none"  # 0.5 GB of 24: plain LoRA
+    assert default_quantization("cpu", 8_000_000_000, memory_bytes=24 * gib) == "nf4"  # 32 GB fp32 would not fit
+
+
+async def test_a_gpu_job_gets_the_gpu_defaults(harness: Harness) -> None:
+    from services.trainer.validation import ValidationContext, resolve_spec
+
+    validation = ValidationContext("cuda", [harness.data.resolve()], harness.root / "c", harness.root / "t", 5, True)
+    spec = harness.spec(steps=3)
+    resolved = resolve_spec(spec, validation).spec
+    assert resolved.quantization.method == "nf4" and resolved.quantization.compute_dtype == "bfloat16"
+    assert resolved.hyperparameters.grad_accumulation_steps == 8
+    assert resolved.hyperparameters.optimizer == "paged_adamw_8bit"
