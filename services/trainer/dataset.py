@@ -143,7 +143,7 @@ def build_dataset(
     ``max_positions`` is the model's context length: a longer ``seq_len`` is refused (SEQ_LEN_TOO_LONG).
     """
     _check_settings(seq_len, eval_fraction, max_positions)
-    documents, fmt, notes = _read(source)
+    documents, fmt, notes = read_documents(source)
     if not documents:
         raise InvalidArgument(_empty_message(source), reason="EMPTY_DATASET")
     train_on_prompt = isinstance(source, JsonlSource) and source.train_on_prompt
@@ -256,7 +256,7 @@ def _empty_message(source: DatasetSource) -> str:
     return "every document of the dataset is empty after cleaning; ingest documents that hold text"
 
 
-def _read(source: DatasetSource) -> tuple[list[_Document], LineFormat, list[str]]:
+def read_documents(source: DatasetSource) -> tuple[list[_Document], LineFormat, list[str]]:
     if isinstance(source, TextsSource):
         return _read_texts(source)
     return _read_jsonl(source)
