@@ -150,8 +150,9 @@ def build_dataset(
     encoded = [_encode(doc, tokenizer, train_on_prompt) for doc in documents]
     train_idx, eval_idx = split_documents(len(documents), eval_fraction, seed)
     if fmt == "text":
-        train = _pack([encoded[i] for i in train_idx], seq_len)
-        evals = _pack([encoded[i] for i in eval_idx], seq_len)
+        prefix = leading_special_ids(tokenizer)
+        train = _pack([encoded[i] for i in train_idx], seq_len, prefix)
+        evals = _pack([encoded[i] for i in eval_idx], seq_len, prefix)
     else:
         train, cut_train = _one_per_block([encoded[i] for i in train_idx], seq_len)
         evals, cut_eval = _one_per_block([encoded[i] for i in eval_idx], seq_len)
@@ -455,10 +456,24 @@ def _assistant_spans(rendered: str, messages: list[dict[str, str]], doc_id: str)
 # -------------------------------------------------------------------------------------------------------- packing
 
 
-def _pack(documents: Sequence[Block], seq_len: int) -> list[Block]:
-    """Concatenate the documents (each already ends with EOS) and cut the stream into seq_len blocks."""
+def _pack(documents: Sequence[Block], seq_len: int, prefix: Sequence[int] = ()) -> list[Block]:
+    """Concatenate the documents (each already ends with EOS) and cut the stream into seq_len blocks.
+
+    With a ``prefix`` (the tokenizer's leading special tokens, Gemma's ``<bos>``) every block starts with it, also
+    one cut in the middle of a document: such a model has only ever read text that begins with it, and a block
+    without it would train (and evaluate) the model in a state it is never served in.
+    """
     stream = [token for doc in documents for token in doc.input_ids]
-    return [Block(stream[i : i + seq_len], stream[i : i + seq_len]) for i in range(0, len(stream), seq_len)]
+    prefix = list(prefix)
+    blocks: list[Block] = []
+    start = 0
+    while start < len(stream):
+        has_prefix = stream[start : start + len(prefix)] == prefix  # a document starts here (or no prefix at all)
+        taken = seq_len if has_prefix else max(1, seq_len - len(prefix))
+        ids = stream[start : start + taken] if has_prefix else prefix + stream[start : start + taken]
+        blocks.append(Block(ids, list(ids)))
+        start += taken
+    return blocks
 
 
 def _one_per_block(examples: Sequence[Block], seq_len: int) -> tuple[list[Block], int]:

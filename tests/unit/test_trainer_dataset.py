@@ -252,3 +252,25 @@ def test_ingested_texts_are_documents(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(InvalidArgument) as caught:
         build_dataset(missing, tokenizer, seq_len=64, eval_fraction=0.1, seed=0)
     assert caught.value.reason == "DATASET_PATH_INVALID" and caught.value.metadata["document_id"] == "gone"
+
+
+def test_blocks_of_a_bos_model_each_start_with_bos() -> None:
+    """Gemma reads every text from <bos>: a block cut in the middle of a document gets it too (and the rest of
+    the stream is neither lost nor repeated); a model without a leading token is packed as before."""
+    from services.trainer.dataset import Block, _pack
+
+    documents = [Block([2, 5, 6, 7, 1], [2, 5, 6, 7, 1]), Block([2, 8, 9, 1], [2, 8, 9, 1])]
+    blocks = [block.input_ids for block in _pack(documents, 4, [2])]
+    assert blocks == [[2, 5, 6, 7], [2, 1, 2, 8], [2, 9, 1]]
+    assert all(block[0] == 2 for block in blocks)
+    plain = [Block([5, 6, 7, 1], [5, 6, 7, 1]), Block([8, 9, 1], [8, 9, 1])]
+    assert [block.input_ids for block in _pack(plain, 4)] == [[5, 6, 7, 1], [8, 9, 1]]
+
+
+def test_leading_special_ids_of_the_real_models(smollm2: Path, gemma3: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from services.trainer.dataset import leading_special_ids
+
+    assert leading_special_ids(AutoTokenizer.from_pretrained(str(gemma3))) == [2]  # <bos>
+    assert leading_special_ids(AutoTokenizer.from_pretrained(str(smollm2))) == []
