@@ -68,7 +68,7 @@ integration: setup $(TEST_DEPS)  ## integration tests only (real processes on lo
 demo: setup  ## the whole cycle, offline: baton up, ingest examples/corpus, train an adapter (lease), serve it, cite
 	$(VENV)/bin/baton demo
 
-bench: setup  ## benchmarks, printed as tables of ratios against baselines measured in the same run
+bench: setup $(STAMPS)/models-prepared  ## benchmarks, printed as tables of ratios against baselines measured in the same run
 	$(PY) benchmarks/bench_lease.py
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_ingest.py
@@ -76,6 +76,8 @@ bench: setup  ## benchmarks, printed as tables of ratios against baselines measu
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_gateway.py --chunks 100000
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --model smollm2-135m-instruct --steps 4 --repeat 2 --batch 1 --accumulation 4
+	$(PY) benchmarks/bench_train.py --model gemma3-270m --steps 4 --repeat 2 --batch 1 --accumulation 4
 
 eval: setup  ## retrieval quality on SciFact and XQuAD-en through the whole stack (prints nDCG, recall, MRR)
 	$(PY) -m pytest -q -s -m '' tests/integration/test_retrieval_quality.py

@@ -1,15 +1,18 @@
 """``baton cycle DOCS_DIR --name NAME``: the whole cycle through the gateway, one stage after another.
 
 ingest (memory) → training set from the ingested collection → train under the GPU lease (views) → register →
-hot-load → an answer with citations from the new adapter. Every stage prints one line, and the long ones a progress
-bar. Everything goes through the gateway's HTTP API with the caller's key, so it works against any running stack
-(``baton up``) and stays inside the caller's tenant. The collection is NAME, so the adapter trains on these
-documents only and the answer cites them.
+hot-load → an answer with citations from the new adapter → what the adapter learned, measured (``baton eval views``:
+held-out and control perplexity, base vs adapter, and a stance probe with ``--probe``). Every stage prints one line,
+and the long ones a progress bar. Everything but the last stage goes through the gateway's HTTP API with the
+caller's key, so it works against any running stack (``baton up``) and stays inside the caller's tenant; the views
+are measured in this process from BATON_HOME, where the trainer keeps the adapter. The collection is NAME, so the
+adapter trains on these documents only and the answer cites them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 import time
 import uuid
@@ -17,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -25,11 +28,15 @@ from baton.cli.memory import UPLOAD_BATCH, add_gateway_flags
 from baton.clients.gateway import GatewayClient
 from baton.runtime.errors import FailedPrecondition, NotFound, PermissionDenied, UpstreamFailed
 
-STAGES = ("ingest", "training set", "train", "register", "hot-load", "answer")
+if TYPE_CHECKING:
+    from baton.evaluation.views import ViewsReport
+
+STAGES = ("ingest", "training set", "train", "register", "hot-load", "answer", "views")
 DEFAULT_QUESTION = "What does the author of these texts believe most strongly?"
 # The hyperparameters a cycle may set; None = the trainer's default.
 TRAIN_OPTIONS = (
     "max_steps", "epochs", "seq_len", "grad_accumulation_steps", "rank", "learning_rate", "quantization", "seed",
+    "eval_fraction",
 )  # fmt: skip
 
 
@@ -44,6 +51,7 @@ class CycleResult:
     adapter: dict[str, Any] = field(default_factory=dict)
     answer: dict[str, Any] = field(default_factory=dict)
     base_answer: dict[str, Any] = field(default_factory=dict)
+    views: ViewsReport | None = None  # baton eval views of the new adapter (None: measured elsewhere or skipped)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -61,6 +69,10 @@ class CycleOptions:
     train: dict[str, Any] = field(default_factory=dict)  # TRAIN_OPTIONS that were set
     max_tokens: int = 64
     compare_base: bool = True  # also ask the base model, to show what the adapter changed
+    # Where the trainer keeps its registry and job folders (BATON_HOME): the views stage measures the adapter there
+    # (baton eval views). None: the stack runs elsewhere; the stage says which command to run there.
+    home: Path | None = None
+    probe: Path | None = None  # stance pairs for the views stage (baton eval views --probe)
 
 
 class Cycle:
@@ -75,7 +87,7 @@ class Cycle:
 
     def run(self) -> CycleResult:
         steps: list[Callable[[], str]] = [
-            self._ingest, self._training_set, self._train, self._register, self._hot_load, self._answer,
+            self._ingest, self._training_set, self._train, self._register, self._hot_load, self._answer, self._views,
         ]  # fmt: skip
         for number, (stage, step) in enumerate(zip(STAGES, steps, strict=True), start=1):
             with self._stage(number, stage):
@@ -222,6 +234,27 @@ class Cycle:
             print(_citation_line(citation))
         return f"{len(self.result.citations)} citations"
 
+    # ---------------------------------------------------------------------------------------------- 7. views
+
+    def _views(self) -> str:
+        """What the adapter learned, measured (baton eval views): held-out perplexity, control, the stance probe."""
+        version = int(self.result.adapter.get("version") or 0) or None
+        command = f"baton eval views {self.name}" + (f" --probe {self.options.probe}" if self.options.probe else "")
+        home = self.options.home
+        if home is None or not Path(str(self.result.adapter.get("path", ""))).is_dir():
+            return f"the adapter lives where the trainer runs: measure it there with `{command}`"
+        from baton.cli.eval_views import evaluate_registered_adapter
+
+        report = evaluate_registered_adapter(home, self.name, version, probe=self.options.probe, progress=_say)
+        self.result.views = report
+        for line in report.table().splitlines():
+            print(f"      {line}")
+        return f"measured (again: {command})"
+
+
+def _say(line: str) -> None:
+    print(f"      {line}", flush=True)
+
 
 def _bar(description: str, unit: str, total: int | None = None) -> tqdm:
     # disable=None: drawn on a terminal only; logs (CI, pipes) keep the stage lines without the redraws.
@@ -277,7 +310,9 @@ def cycle(args: argparse.Namespace) -> None:
     if not docs.is_dir():
         raise SystemExit(f"baton cycle: {docs} is not a folder")
     train = {key: getattr(args, key) for key in TRAIN_OPTIONS if getattr(args, key) is not None}
-    options = CycleOptions(question=args.question, train=train, max_tokens=args.max_tokens)
+    home = Path(os.environ.get("BATON_HOME", "var")).resolve()
+    probe = Path(args.probe).expanduser().resolve() if args.probe else None
+    options = CycleOptions(question=args.question, train=train, max_tokens=args.max_tokens, home=home, probe=probe)
     started = time.monotonic()
     with GatewayClient(args.gateway) as client:
         Cycle(client, docs, args.name, options).run()
@@ -304,5 +339,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--quant", dest="quantization", choices=["nf4", "none"], help="nf4 = QLoRA (default)")
     parser.add_argument("--seed", type=int, help="training seed")
+    parser.add_argument("--eval-fraction", dest="eval_fraction", type=float, help="share of documents held out")
+    parser.add_argument("--probe", help="stance pairs (JSONL) for the views stage, e.g. examples/probes/*.jsonl")
     add_gateway_flags(parser)
     parser.set_defaults(run=cycle)

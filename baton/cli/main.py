@@ -105,7 +105,7 @@ def _demo(args: argparse.Namespace) -> None:
         run_demo()
         return
     home = Path(args.home).expanduser().resolve() if args.home else None
-    run_cycle_demo(home, keep=args.keep)
+    run_cycle_demo(home, keep=args.keep, model=args.model)
 
 
 def _gpu(args: argparse.Namespace) -> None:
@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--home", help="state folder (default: a new temporary one)")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards (stop: baton down)")
+    demo.add_argument(
+        "--model",
+        default="gemma3-270m",
+        help="gemma3-270m (default: real, multilingual), smollm2-135m-instruct, or tiny (random weights, seconds)",
+    )
     demo.add_argument("--lease", action="store_true", help="instead: a GPU-lease handover, training to chat and back")
     demo.set_defaults(run=_demo)
 
