@@ -192,7 +192,7 @@ DEMO_FACT = "Старик"  # the barometer's name: what an answer from that sou
 # (7 held out) in 256-token sequences, 1,024 tokens a step, within the demo's 10 minutes; plain LoRA (QLoRA's 4-bit
 # kernels are for the GPU, where they save the memory they are for).
 DEMO_TRAINING: dict[str, object] = {
-    "epochs": 2, "seq_len": 256, "grad_accumulation_steps": 4, "rank": 16, "learning_rate": 1e-3,
+    "epochs": 2, "seq_len": 256, "grad_accumulation_steps": 4, "rank": 16, "learning_rate": 5e-4,
     "eval_fraction": 0.2, "seed": 0,
 }  # fmt: skip
 # The random tiny model learns in a few steps what a real one needs epochs for.
