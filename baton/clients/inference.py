@@ -172,10 +172,14 @@ class InferenceClient:
         *,
         chat: Sequence[tuple[str, str]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> pb.InferenceCountTokensResponse:
-        """Token counts of ``texts`` (as fragments of a prompt) and of ``chat`` rendered as Generate would render
-        it — pass the same ``template_kwargs`` as to Generate (e.g. Qwen3's enable_thinking changes the prompt)."""
+        """Token counts of ``texts`` (as fragments of a prompt; ``add_special_tokens=True``: as whole prompts, the way
+        Generate tokenizes a text prompt) and of ``chat`` rendered as Generate would render it — pass the same
+        ``template_kwargs`` as to Generate (e.g. Qwen3's enable_thinking changes the prompt)."""
         request = pb.InferenceCountTokensRequest(texts=list(texts))
+        if add_special_tokens is not None:
+            request.add_special_tokens = add_special_tokens
         if chat is not None:
             request.chat.CopyFrom(chat_input(chat, template_kwargs=template_kwargs))
         return await self._call(self.stub.CountTokens, request)

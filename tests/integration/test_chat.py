@@ -27,6 +27,9 @@ from tests.fixtures.gateway import GatewayHandle
 from tests.fixtures.inference import PHRASE_A, InferenceHandle
 
 pytestmark = pytest.mark.integration
+# The packing test asks for whole chunks, as many as fit: the gateway's default source policy (a few best sources,
+# focused on their sentences nearest the question: tuned for small models) would hide what the budget does.
+WHOLE_SOURCES = {"sources": 0, "sentences": 0, "min_relative_score": 0}
 
 MAX_MODEL_LEN = 1024
 GARDEN = """# Growing tomatoes
@@ -278,7 +281,7 @@ def test_packing_fits_the_budget_and_keeps_the_best_chunks(chat_stack: ChatStack
         messages=[{"role": "system", "content": "Be brief."}, *ask(question)],
         max_tokens=max_tokens,
         temperature=0,
-        extra_body={"baton": {"k": k}},
+        extra_body={"baton": {"k": k, **WHOLE_SOURCES}},
     )
     rag, citations = completion.baton["rag"], completion.baton["citations"]
     assert completion.usage.prompt_tokens + max_tokens <= MAX_MODEL_LEN, "the engine's own count, within budget"
@@ -294,7 +297,10 @@ def test_packing_fits_the_budget_and_keeps_the_best_chunks(chat_stack: ChatStack
     assert [c["score"] for c in citations] == sorted((c["score"] for c in citations), reverse=True)
     # More room for sources when less is reserved for the answer.
     roomier = client.chat.completions.create(
-        model=chat_stack.base_model, messages=ask(question), max_tokens=16, extra_body={"baton": {"k": k}}
+        model=chat_stack.base_model,
+        messages=ask(question),
+        max_tokens=16,
+        extra_body={"baton": {"k": k, **WHOLE_SOURCES}},
     )
     assert roomier.usage.prompt_tokens + 16 <= MAX_MODEL_LEN
     assert roomier.usage.prompt_tokens > completion.usage.prompt_tokens

@@ -14,7 +14,7 @@ import pytest
 from baton.store.base import Hit
 from services.gateway.chat.citations import citations, cited_numbers
 from services.gateway.chat.packing import TokenCounts, compress, dedupe, pack_context, sentence_spans
-from services.gateway.chat.prompt import CITE_INSTRUCTION, Turn, render
+from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, Prompt, Turn
 from services.inference.prompts import ChatPrompt, ChatTurn, PromptTokenizer
 
 TOPICS = [
@@ -37,14 +37,17 @@ class LocalCounter:
         self.max_model_len = max_model_len
         self.calls = 0
 
-    async def count(self, texts: Sequence[str], chat: Sequence[Turn]) -> TokenCounts:
+    async def count(self, texts: Sequence[str], prompt: Prompt) -> TokenCounts:
         self.calls += 1
         counts = self.tokenizer.count(list(texts), add_special_tokens=False)
-        return TokenCounts(counts, self.chat_tokens(chat), self.max_model_len)
+        return TokenCounts(counts, self.prompt_tokens(prompt), self.max_model_len)
 
-    def chat_tokens(self, chat: Sequence[Turn]) -> int:
-        prompt = ChatPrompt(tuple(ChatTurn(role, content) for role, content in chat))  # type: ignore[arg-type]
-        return len(self.tokenizer.chat_ids(prompt)[0])
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """A chat rendered with the template, or a completion text with special tokens: what Generate feeds."""
+        if isinstance(prompt, str):
+            return len(self.tokenizer.text_ids(prompt))
+        chat = ChatPrompt(tuple(ChatTurn(role, content) for role, content in prompt))  # type: ignore[arg-type]
+        return len(self.tokenizer.chat_ids(chat)[0])
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +108,11 @@ def test_the_budget_is_never_exceeded(tokenizer: PromptTokenizer) -> None:
             long = chunk_section("long", section_text("Otters", TOPICS[0][1], 30))
             hits += scored(long, [rng.random() for _ in long])
             packed = pack(hits, counter, reserved)
-            exact = counter.chat_tokens(packed.messages)
+            exact = counter.prompt_tokens(packed.prompt)
             assert exact + reserved <= max_model_len, (max_model_len, reserved, exact)
             if packed.passages:
                 assert packed.prompt_tokens == exact
-            frame = counter.chat_tokens(render(conversation(), []))
+            frame = counter.prompt_tokens(CHAT.render(conversation(), []))
             assert packed.budget_tokens == max_model_len - reserved - frame
 
 
@@ -125,7 +128,7 @@ def test_keeps_the_highest_scoring_chunks_first(tokenizer: PromptTokenizer) -> N
         assert all(not p.compressed for p in packed.passages[:-1]), "only the last (lowest-scoring) is shortened"
         assert 0 < len(kept) < len(hits), "the budget should hold some, not all"
         assert packed.left_out + len(kept) == len(hits)
-        assert counter.chat_tokens(packed.messages) + 100 <= max_model_len
+        assert counter.prompt_tokens(packed.prompt) + 100 <= max_model_len
 
 
 def test_identical_and_contained_chunks_are_dropped() -> None:
@@ -168,7 +171,7 @@ def test_a_chunk_over_budget_is_compressed_keeping_the_relevant_sentences(tokeni
     assert len(packed.passages) == 1 and packed.compressed == 1
     kept = packed.passages[0].text
     assert key in kept and "…" in kept and len(kept) < len(text)
-    assert counter.chat_tokens(packed.messages) + 64 <= 400
+    assert counter.prompt_tokens(packed.prompt) + 64 <= 400
     assert citations(packed.passages)[0]["compressed"] is True
 
 
@@ -176,7 +179,7 @@ def test_no_room_means_no_sources(tokenizer: PromptTokenizer) -> None:
     counter = LocalCounter(tokenizer, 256)
     chat = conversation("Tell me everything. " * 40)
     packed = pack(topic_hits(random.Random(1)), counter, reserved=64, chat=chat)
-    assert packed.passages == [] and packed.messages == chat and packed.prompt_tokens is None
+    assert packed.passages == [] and packed.prompt == chat and packed.prompt_tokens is None
     assert packed.left_out == len(TOPICS) and counter.calls == 1
 
 
@@ -184,18 +187,18 @@ def test_sources_are_numbered_in_the_last_user_turn_and_the_system_prompt_asks_f
     tokenizer: PromptTokenizer,
 ) -> None:
     packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64)
-    system, *_, (role, last) = packed.messages
+    system, *_, (role, last) = packed.prompt
     assert system == ("system", f"You are a careful assistant.\n\n{CITE_INSTRUCTION}")
     assert (
         role == "user"
-        and last.startswith("Sources:\n\n[1] ")
+        and last.startswith("[1] ")  # no "Sources:" header for a chat (measured: prompt.py)
         and last.endswith("Question: Where do otters sleep and why?")
     )
     numbers = [int(n) for n in re.findall(r"^\[(\d+)\] ", last, flags=re.MULTILINE)]
     assert numbers == list(range(1, len(packed.passages) + 1))
-    assert packed.messages[1:3] == conversation()[1:3], "earlier turns are untouched (prefix cache)"
+    assert packed.prompt[1:3] == conversation()[1:3], "earlier turns are untouched (prefix cache)"
     plain = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, chat=[("user", "Hi")])
-    assert plain.messages[0] == ("system", CITE_INSTRUCTION)
+    assert plain.prompt[0] == ("system", CITE_INSTRUCTION)
 
 
 def test_compress_drops_the_weakest_sentences_and_marks_the_gaps() -> None:

@@ -1,11 +1,17 @@
 """Fit retrieved chunks into the model's context budget.
 
-The budget is ``max_model_len - chat tokens - reserved answer tokens``, where the chat tokens are those of the
-conversation as it will be rendered with the citing instruction and an empty sources frame, counted by the
-inference service's own tokenizer and chat template (``CountTokens``), never guessed from characters.
+The budget is ``max_model_len - frame tokens - reserved answer tokens``, where the frame tokens are those of the
+conversation as it will be rendered (``prompt.PromptFormat``: a chat, or a base model's completion text) with the
+citing instruction and an empty sources frame, counted by the inference service's own tokenizer and chat template
+(``CountTokens``), never guessed from characters.
 
 1. Drop duplicates: a chunk whose text is identical (up to whitespace and case) to a better one, or whose span lies
    inside a better chunk of the same section of the same document.
+   Then the ``SourcePolicy``: chunks scoring well below the best one are left out (a clear best hit is the answer's
+   source; distractors beside it only confuse a small model), and each chunk may be *focused* on the sentences that
+   share the most words with the question. Measured on XQuAD-en with SmolLM2-135M-Instruct (questions 200–300):
+   eight whole sources → 0.07 of answers contain the gold answer; the best source alone → 0.33; focused on its two
+   best sentences → 0.42 (0.46 with the chat format's instruction). See ``DEFAULT_POLICY``.
 2. Walk the rest best-first. A chunk that overlaps or continues a passage already taken (same document and section,
    overlapping span or the next/previous chunk) is merged into it, paying only for the new text and no second
    header; any other chunk becomes a new numbered passage if it fits.
@@ -23,12 +29,12 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from baton.store.base import Hit
-from services.gateway.chat.prompt import SOURCE_SEPARATOR, Turn, format_source, render
+from services.gateway.chat.prompt import CHAT, SOURCE_SEPARATOR, Prompt, PromptFormat, Turn, format_source
 
 # A source shorter than this is not worth its header and the model's attention.
 MIN_SOURCE_TOKENS = 24
@@ -46,15 +52,29 @@ _STEM_CHARS = 5
 @dataclass(frozen=True)
 class TokenCounts:
     texts: list[int]
-    chat: int
+    prompt: int
     max_model_len: int
 
 
 class TokenCounter(Protocol):
-    """Counts as the served model will see it: texts as fragments inside a prompt, ``chat`` rendered with the chat
-    template and its generation prompt (the inference service's CountTokens)."""
+    """Counts as the served model will see it: texts as fragments inside a prompt, and ``prompt`` whole — a chat
+    rendered with the chat template and its generation prompt, or a completion text with the tokenizer's special
+    tokens (BOS), as Generate tokenizes it (the inference service's CountTokens)."""
 
-    async def count(self, texts: Sequence[str], chat: Sequence[Turn]) -> TokenCounts: ...
+    async def count(self, texts: Sequence[str], prompt: Prompt) -> TokenCounts: ...
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """Which retrieved chunks become sources, and how much of each. Zero turns a limit off."""
+
+    max_sources: int = 0  # numbered sources at most (0: as many as the budget holds)
+    min_relative_score: float = 0.0  # leave out chunks scoring below this share of the best chunk's score
+    sentences: int = 0  # keep this many sentences of each chunk: those sharing the most words with the question
+
+
+# The whole-context behaviour: every chunk that fits, whole (a large model reads many sources well).
+WHOLE = SourcePolicy()
 
 
 @dataclass
@@ -87,16 +107,17 @@ class Passage:
 @dataclass(frozen=True)
 class PackedContext:
     passages: list[Passage]  # numbered 1..n in this order (best first)
-    messages: list[Turn]  # the prompt to generate from
-    prompt_tokens: int | None  # exact tokens of ``messages`` (None when no sources were added)
+    prompt: Prompt  # what to generate from
+    prompt_tokens: int | None  # exact tokens of ``prompt`` (None when no sources were added)
     max_model_len: int
     reserved_tokens: int
-    budget_tokens: int  # room for sources: max_model_len - frame chat tokens - reserved (may be <= 0)
+    budget_tokens: int  # room for sources: max_model_len - frame tokens - reserved (may be <= 0)
     retrieved: int
     duplicates: int = 0
     merged: int = 0
     compressed: int = 0
-    left_out: int = 0  # chunks that did not fit
+    left_out: int = 0  # chunks that did not fit, or that the policy left out
+    focused: int = 0  # sources shortened to their sentences nearest the question
 
     def stats(self) -> dict[str, int | None]:
         return {
@@ -105,6 +126,7 @@ class PackedContext:
             "duplicates": self.duplicates,
             "merged": self.merged,
             "compressed": self.compressed,
+            "focused": self.focused,
             "left_out": self.left_out,
             "budget_tokens": self.budget_tokens,
             "prompt_tokens": self.prompt_tokens,
@@ -114,23 +136,77 @@ class PackedContext:
 
 
 async def pack_context(
-    hits: Sequence[Hit], conversation: Sequence[Turn], counter: TokenCounter, *, reserved_tokens: int, query: str
+    hits: Sequence[Hit],
+    conversation: Sequence[Turn],
+    counter: TokenCounter,
+    *,
+    reserved_tokens: int,
+    query: str,
+    style: PromptFormat = CHAT,
+    policy: SourcePolicy = WHOLE,
 ) -> PackedContext:
-    """Choose, merge and shorten ``hits`` so that the rendered prompt plus ``reserved_tokens`` fits the model."""
+    """Choose, merge and shorten ``hits`` so that the prompt ``style`` renders plus ``reserved_tokens`` fits the
+    model."""
     candidates, duplicates = dedupe(hits)
+    plain = style.render(conversation, None)
     if not candidates:
-        return PackedContext([], list(conversation), None, 0, reserved_tokens, 0, len(hits), duplicates)
+        return PackedContext([], plain, None, 0, reserved_tokens, 0, len(hits), duplicates)
+    terms = stems(query)
+    candidates, cut = _close_to_best(candidates, policy.min_relative_score)
+    candidates, focused = _focus_all(candidates, terms, policy.sentences)
     blocks = [format_source(i, *_label(hit), hit.text) for i, hit in enumerate(candidates, 1)]
-    counts = await counter.count([*blocks, SOURCE_SEPARATOR], render(conversation, []))
+    counts = await counter.count([*blocks, SOURCE_SEPARATOR], style.render(conversation, []))
     separator_tokens = counts.texts[-1]
     limit = counts.max_model_len - reserved_tokens
-    budget = limit - counts.chat
-    base = PackedContext([], list(conversation), None, counts.max_model_len, reserved_tokens, budget, len(hits))
+    budget = limit - counts.prompt
+    base = PackedContext([], plain, None, counts.max_model_len, reserved_tokens, budget, len(hits))
     if budget < MIN_SOURCE_TOKENS:
-        return _replace(base, duplicates=duplicates, left_out=len(candidates))
-    terms = _terms(query)
-    selection = _select(candidates, blocks, counts.texts[:-1], separator_tokens, budget, terms)
-    return await _fit(base, conversation, counter, selection, limit, terms, duplicates)
+        return _replace(base, duplicates=duplicates, left_out=len(candidates) + cut)
+    selection = _select(candidates, blocks, counts.texts[:-1], separator_tokens, budget, terms, policy.max_sources)
+    selection.left_out += cut
+    for passage in selection.passages:
+        passage.compressed |= passage.best.chunk_id in focused
+    packed = await _fit(base, conversation, counter, style, selection, limit, terms, duplicates)
+    return _replace(packed, focused=sum(p.best.chunk_id in focused for p in packed.passages))
+
+
+def _close_to_best(candidates: list[Hit], ratio: float) -> tuple[list[Hit], int]:
+    """The chunks (best first) scoring at least ``ratio`` times the best one; how many were left out."""
+    best = candidates[0].score
+    if ratio <= 0 or best <= 0:
+        return candidates, 0
+    kept = [hit for hit in candidates if hit.score >= ratio * best]
+    return kept, len(candidates) - len(kept)
+
+
+def _focus_all(candidates: list[Hit], terms: set[str], sentences: int) -> tuple[list[Hit], set[str]]:
+    """Each chunk cut to its ``sentences`` sentences nearest the question; the ids of those that got shorter. A
+    focused chunk is no longer a slice of its section, so it loses its span and is never merged with a neighbour."""
+    if sentences <= 0:
+        return candidates, set()
+    out, focused = [], set()
+    for hit in candidates:
+        meta = hit.metadata
+        text = focus(hit.text, terms, sentences, skip={str(meta.get("title", "")), str(meta.get("heading", ""))})
+        if text == hit.text:
+            out.append(hit)
+            continue
+        focused.add(hit.chunk_id)
+        unplaced = {key: value for key, value in meta.items() if key not in ("start", "end")}
+        out.append(dataclasses.replace(hit, text=text, metadata=unplaced))
+    return out, focused
+
+
+def focus(text: str, terms: set[str], sentences: int, *, skip: Collection[str] = ()) -> str:
+    """The ``sentences`` sentences of ``text`` sharing the most words with the question (the earlier one on a tie),
+    in their order, gaps marked ``…``. Lines equal to ``skip`` (the title and heading, which the source's label
+    already shows) are never chosen."""
+    spans = [span for span in sentence_spans(text) if text[span[0] : span[1]].strip() not in skip]
+    if len(spans) <= sentences:
+        return _join(text, spans, list(range(len(spans)))) if spans else text
+    overlap = [len(stems(text[start:end]) & terms) for start, end in spans]
+    kept = sorted(sorted(range(len(spans)), key=lambda i: (-overlap[i], i))[:sentences])
+    return _join(text, spans, kept)
 
 
 def dedupe(hits: Sequence[Hit]) -> tuple[list[Hit], int]:
@@ -163,13 +239,22 @@ class _Selection:
 
 
 def _select(
-    candidates: list[Hit], blocks: list[str], block_tokens: list[int], separator: int, budget: int, terms: set[str]
+    candidates: list[Hit],
+    blocks: list[str],
+    block_tokens: list[int],
+    separator: int,
+    budget: int,
+    terms: set[str],
+    max_sources: int = 0,
 ) -> _Selection:
     chosen = _Selection([])
     room = budget
     for position, hit in enumerate(candidates):
         tokens = block_tokens[position] + separator
         target = _neighbour(chosen.passages, hit)
+        if target is None and max_sources and len(chosen.passages) >= max_sources:
+            chosen.left_out = len(candidates) - position
+            break
         if target is not None:
             text, span = _merge_text(target, hit)
             cost = _proportion(tokens, len(text) - len(target.text), len(blocks[position])) + separator
@@ -196,6 +281,7 @@ async def _fit(
     base: PackedContext,
     conversation: Sequence[Turn],
     counter: TokenCounter,
+    style: PromptFormat,
     selection: _Selection,
     limit: int,
     terms: set[str],
@@ -207,13 +293,13 @@ async def _fit(
     for _ in range(MAX_FIT_ROUNDS):
         if not passages:
             break
-        messages = render(conversation, [p.block(n) for n, p in enumerate(passages, 1)])
-        prompt_tokens = (await counter.count([], messages)).chat
+        prompt = style.render(conversation, [p.block(n) for n, p in enumerate(passages, 1)])
+        prompt_tokens = (await counter.count([], prompt)).prompt
         if prompt_tokens <= limit:
             return _replace(
                 base,
                 passages=passages,
-                messages=messages,
+                prompt=prompt,
                 prompt_tokens=prompt_tokens,
                 duplicates=duplicates,
                 merged=sum(len(p.hits) - 1 for p in passages),
@@ -266,7 +352,7 @@ def compress(text: str, terms: set[str], *, keep_chars: int) -> str:
     spans = sentence_spans(text)
     if not spans or keep_chars <= 0:
         return ""
-    ranked = sorted(range(len(spans)), key=lambda i: (-len(_terms(text[spans[i][0] : spans[i][1]]) & terms), i))
+    ranked = sorted(range(len(spans)), key=lambda i: (-len(stems(text[spans[i][0] : spans[i][1]]) & terms), i))
     kept = sorted(ranked)
     for weakest in reversed(ranked):
         if _joined_length(spans, kept) <= keep_chars or len(kept) == 1:
@@ -419,7 +505,8 @@ def _int_or_none(value: object) -> int | None:
     return None
 
 
-def _terms(text: str) -> set[str]:
+def stems(text: str) -> set[str]:
+    """Crude stems of a text's words (see _STEM_CHARS): how the question, sentences and answers are compared."""
     return {word[:_STEM_CHARS] for word in _WORD.findall(text.casefold()) if len(word) >= 3 or word.isdigit()}
 
 

@@ -65,6 +65,16 @@ class BatonChatOptions(BaseModel):
     history_turns: int = Field(
         0, ge=0, le=10, description="Earlier user turns added to the search query (for follow-up questions)."
     )
+    sources: int | None = Field(
+        None, ge=0, le=1000, description="Most numbered sources packed (0: as many as fit) [the gateway's default]."
+    )
+    sentences: int | None = Field(
+        None, ge=0, le=1000,
+        description="Sentences kept of each source, those nearest the question (0: whole passages) [default].",
+    )  # fmt: skip
+    min_relative_score: float | None = Field(
+        None, ge=0, le=1, description="Leave out chunks scoring below this share of the best one's score [default]."
+    )
 
 
 class ChatCompletionRequest(BaseModel):
@@ -163,7 +173,11 @@ class Citation(BaseModel):
     score: float
     compressed: bool = Field(description="Sentences were left out to fit the context budget.")
     snippet: str
-    cited: bool | None = Field(description="Whether the answer cites [n] (null when no answer was given).")
+    cited: bool | None = Field(description="Whether the answer used this source (null when no answer was given).")
+    cited_by: Literal["marker", "content"] | None = Field(
+        description="How that was decided: the answer's [n] markers, or (an answer without markers) the source that "
+        "holds most of the answer's words beyond the question's."
+    )
 
 
 class RagStats(BaseModel):
@@ -172,6 +186,7 @@ class RagStats(BaseModel):
     duplicates: int
     merged: int
     compressed: int
+    focused: int = Field(description="Sources shortened to their sentences nearest the question.")
     left_out: int
     budget_tokens: int
     prompt_tokens: int | None

@@ -9,6 +9,7 @@ as an error status, never as a broken stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -24,13 +25,17 @@ from baton.store.base import SearchMode
 from baton.v1 import inference_pb2 as pb
 from services.gateway.chat import metrics
 from services.gateway.chat.citations import citations
-from services.gateway.chat.packing import PackedContext, TokenCounts, pack_context
-from services.gateway.chat.prompt import Turn, last_user_index
+from services.gateway.chat.packing import PackedContext, SourcePolicy, TokenCounts, pack_context
+from services.gateway.chat.prompt import Prompt, PromptFormat, Turn, last_user_index, prompt_format
+from services.gateway.chat.protocol import MAX_STOP_STRINGS
 from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest
 
 # Info is static while the inference process lives; a short cache spares one RPC per chat yet notices a restart
 # with another model within seconds.
 INFO_TTL_S = 10.0
+# Which retrieved chunks become sources, tuned on XQuAD-en with the small models this project serves (see
+# packing.py and the README's chat section for the measurements); a large model may read more: SourcePolicy().
+DEFAULT_POLICY = SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2)
 
 
 def new_completion_id() -> str:
@@ -44,6 +49,10 @@ class RagOptions:
     k: int = 8
     mode: SearchMode = SearchMode.HYBRID
     history_turns: int = 0  # earlier user turns added to the search query (0: the latest question alone)
+    # A request's own source policy; None: the service's default for that field.
+    max_sources: int | None = None
+    min_relative_score: float | None = None
+    sentences: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,9 @@ class PreparedChat:
     call: ChatCall
     model: str  # the id answered under
     adapter: str  # "" = the base model
-    messages: list[Turn]
+    style: PromptFormat  # a chat for the model's template, or a completion text for a base model
+    prompt: Prompt
+    query: str = ""  # what memory was searched for (citations compare the answer with it)
     packed: PackedContext | None = None
     retrieve_s: float = 0.0
     pack_s: float = 0.0
@@ -85,7 +96,7 @@ class PreparedChat:
             timings |= {"inference_total_s": round(last.timings.total_s, 6), "inference_queue_s": last.timings.queue_s}
         packed = self.packed
         return {
-            "citations": citations(packed.passages, answer) if packed is not None else [],
+            "citations": citations(packed.passages, answer, self.query) if packed is not None else [],
             "rag": packed.stats() if packed is not None else None,
             "timings": timings,
         }
@@ -102,6 +113,8 @@ class Generation:
         self._first: pb.GenerateResponse | None = first
         self.last: pb.GenerateResponse = first
         self.first_text_s: float | None = None
+        # A completion prompt ends with "Answer:", so the model's answer begins with a space: not part of the answer.
+        self._strip_leading = isinstance(prepared.prompt, str)
 
     async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
         if self._first is not None:
@@ -111,6 +124,9 @@ class Generation:
             yield self._seen(message)
 
     def _seen(self, message: pb.GenerateResponse) -> pb.GenerateResponse:
+        if self._strip_leading and message.text:
+            message.text = message.text.lstrip()
+            self._strip_leading = not message.text
         if self.first_text_s is None and message.text:
             self.first_text_s = time.perf_counter() - self.prepared.call.arrived
         self.last = message
@@ -133,16 +149,33 @@ class InferenceTokenCounter:
         self._client = client
         self._template_kwargs = template_kwargs
 
-    async def count(self, texts: Sequence[str], chat: Sequence[Turn]) -> TokenCounts:
-        response = await self._client.count_tokens(texts, chat=chat, template_kwargs=self._template_kwargs)
-        return TokenCounts(list(response.token_counts), response.chat_tokens, response.max_model_len)
+    async def count(self, texts: Sequence[str], prompt: Prompt) -> TokenCounts:
+        if not isinstance(prompt, str):
+            response = await self._client.count_tokens(texts, chat=prompt, template_kwargs=self._template_kwargs)
+            return TokenCounts(list(response.token_counts), response.chat_tokens, response.max_model_len)
+        # A completion prompt is counted whole with the special tokens (BOS) Generate adds to a text prompt; the
+        # fragments without them: two calls, as one call takes one add_special_tokens for all its texts.
+        whole = self._client.count_tokens([prompt], add_special_tokens=True)
+        if not texts:
+            response = await whole
+            return TokenCounts([], response.token_counts[0], response.max_model_len)
+        fragments, response = await asyncio.gather(self._client.count_tokens(texts), whole)
+        return TokenCounts(list(fragments.token_counts), response.token_counts[0], response.max_model_len)
 
 
 class ChatService:
-    def __init__(self, inference: InferenceClient, retriever: Retriever, *, answer_tokens: int) -> None:
+    def __init__(
+        self,
+        inference: InferenceClient,
+        retriever: Retriever,
+        *,
+        answer_tokens: int,
+        policy: SourcePolicy = DEFAULT_POLICY,
+    ) -> None:
         self._inference = inference
         self._retriever = retriever
         self._answer_tokens = answer_tokens
+        self._policy = policy
         self._info: pb.InferenceInfoResponse | None = None
         self._info_at = 0.0
         self._first_seen: dict[str, int] = {}
@@ -176,10 +209,14 @@ class ChatService:
         if adapter and adapter not in {served.name for served in (await self.models(call.tenant))[1]}:
             # Unknown and another tenant's adapter answer alike: existence is never revealed.
             raise self._translate(NotFound(f"no adapter {adapter!r}", reason="ADAPTER_NOT_FOUND"), call.model)
-        prepared = PreparedChat(call, call.model or info.model_id, adapter, list(call.conversation))
+        style = prompt_format(info.has_chat_template)
+        prepared = PreparedChat(
+            call, call.model or info.model_id, adapter, style, style.render(call.conversation, None)
+        )
         query = search_query(call.conversation, call.rag.history_turns) if call.rag.enabled else ""
         if not query:
             return prepared
+        prepared.query = query
         started = time.perf_counter()
         filters = {"collection": call.rag.collection} if call.rag.collection else {}
         hits = await self._retriever.search(SearchRequest(call.tenant, query, call.rag.k, call.rag.mode, filters))
@@ -188,10 +225,13 @@ class ChatService:
         max_tokens = call.sampling.get("max_tokens")
         reserved = max_tokens or min(self._answer_tokens, info.max_model_len // 2)
         try:
-            packed = await pack_context(hits, call.conversation, counter, reserved_tokens=reserved, query=query)
+            packed = await pack_context(
+                hits, call.conversation, counter, reserved_tokens=reserved, query=query, style=style,
+                policy=self.policy(call.rag),
+            )  # fmt: skip
         except BatonError as error:
             raise self._translate(error, call.model) from None
-        prepared.packed, prepared.messages = packed, packed.messages
+        prepared.packed, prepared.prompt = packed, packed.prompt
         prepared.retrieve_s = packing_started - started
         prepared.pack_s = time.perf_counter() - packing_started
         metrics.RETRIEVAL_SECONDS.observe(prepared.retrieve_s)
@@ -200,14 +240,26 @@ class ChatService:
             metrics.CONTEXT_TOKENS.observe(packed.prompt_tokens)
         return prepared
 
+    def policy(self, rag: RagOptions) -> SourcePolicy:
+        """The service's source policy with the request's own choices applied."""
+        asked = {"max_sources": rag.max_sources, "min_relative_score": rag.min_relative_score}
+        asked["sentences"] = rag.sentences
+        return dataclasses.replace(self._policy, **{name: value for name, value in asked.items() if value is not None})
+
     async def start(self, prepared: PreparedChat) -> Generation:
         call = prepared.call
+        sampling = dict(call.sampling)
+        if prepared.style.stop:
+            # The format's stops first: past the service's limit the request's own are the ones left out.
+            stops = dict.fromkeys([*prepared.style.stop, *sampling.get("stop", ())])
+            sampling["stop"] = list(stops)[:MAX_STOP_STRINGS]
+        prompt = prepared.prompt
         stream = self._inference.generate(
-            chat=prepared.messages,
+            **({"prompt": prompt} if isinstance(prompt, str) else {"chat": prompt}),
             adapter=prepared.adapter,
             request_id=call.request_id,
             template_kwargs=call.template_kwargs,
-            **call.sampling,
+            **sampling,
         )
         try:
             first = await anext(stream)
