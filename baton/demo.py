@@ -187,7 +187,6 @@ DEMO_MODEL = "gemma3-270m"
 # Its answer is in one document only (05-барометр-старик.md): the citation shows where the fact came from.
 DEMO_QUESTION = "Как звали барометр, который висел в вахтенной комнате маяка?"
 DEMO_SOURCE = "05-барометр-старик.md"
-DEMO_FACT = "Старик"  # the barometer's name: what an answer from that source states
 # Chosen by measurement on two CPU cores (README, "The demo's numbers"): two passes over the 27 training documents
 # (7 held out) in 256-token sequences, 1,024 tokens a step, within the demo's 10 minutes; plain LoRA (QLoRA's 4-bit
 # kernels are for the GPU, where they save the memory they are for).
