@@ -13,7 +13,17 @@ import pytest
 
 from baton.store.base import Hit
 from services.gateway.chat.citations import citations, cited_numbers
-from services.gateway.chat.packing import TokenCounts, compress, dedupe, pack_context, sentence_spans
+from services.gateway.chat.packing import (
+    Passage,
+    SourcePolicy,
+    TokenCounts,
+    compress,
+    dedupe,
+    focus,
+    pack_context,
+    sentence_spans,
+    stems,
+)
 from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, Prompt, Turn
 from services.inference.prompts import ChatPrompt, ChatTurn, PromptTokenizer
 
@@ -209,3 +219,76 @@ def test_compress_drops_the_weakest_sentences_and_marks_the_gaps() -> None:
     assert compress(text, {"otter"}, keep_chars=80).startswith("Alpha beta gamma. Otters sleep"), "fits: kept"
     assert compress("one very long sentence without any break at all", set(), keep_chars=20) == "one very long…"
     assert cited_numbers("see [1], [2][3] and [4, 5] but not [x]") == {1, 2, 3, 4, 5}
+
+
+# ------------------------------------------------------------------------------------------------ source policy
+
+
+def test_the_policy_keeps_chunks_close_to_the_best_at_most_max_sources(tokenizer: PromptTokenizer) -> None:
+    hits = scored(topic_hits(random.Random(4)), [1.0, 0.95, 0.9, 0.86, 0.5, 0.4, 0.3, 0.2])
+    counter = LocalCounter(tokenizer, 4096)
+    near = SourcePolicy(min_relative_score=0.85)
+    packed = asyncio.run(pack_context(hits, conversation(), counter, reserved_tokens=64, query="otters", policy=near))
+    assert [p.best.chunk_id for p in packed.passages] == ["d0:0", "d1:0", "d2:0", "d3:0"]
+    assert packed.left_out == 4
+    capped = SourcePolicy(max_sources=2, min_relative_score=0.85)
+    packed = asyncio.run(pack_context(hits, conversation(), counter, reserved_tokens=64, query="otters", policy=capped))
+    assert [p.best.chunk_id for p in packed.passages] == ["d0:0", "d1:0"] and packed.left_out == 6
+    assert packed.prompt_tokens == counter.prompt_tokens(packed.prompt)
+
+
+def test_focus_keeps_the_sentences_nearest_the_question_and_never_the_title(tokenizer: PromptTokenizer) -> None:
+    text = "Otters\n\nAlpha beta gamma. Otters sleep holding hands. Nothing here at all. Otters drift apart otherwise."
+    terms = stems("Why do otters hold hands while they sleep?")
+    assert focus(text, terms, 1, skip={"Otters"}) == "Otters sleep holding hands."
+    assert focus(text, terms, 2, skip={"Otters"}) == "Otters sleep holding hands. … Otters drift apart otherwise."
+    assert focus("One. Two.", terms, 3) == "One. Two."
+    meta = {"title": "Otters", "heading": "", "section_index": 0, "start": 0, "end": len(text), "chunk_index": 0}
+    hits = [Hit("o:0", "o", text, meta, score=1.0), *scored(topic_hits(random.Random(1))[1:3], [0.9, 0.8])]
+    policy = SourcePolicy(sentences=1)
+    counter = LocalCounter(tokenizer, 4096)
+    packed = asyncio.run(
+        pack_context(
+            hits,
+            [("user", "Why do otters hold hands while they sleep?")],
+            counter,
+            reserved_tokens=64,
+            query="Why do otters hold hands while they sleep?",
+            policy=policy,
+        )
+    )
+    first = packed.passages[0]
+    assert first.text == "Otters sleep holding hands." and first.compressed and packed.focused == 3
+    assert citations(packed.passages)[0]["snippet"] == first.text
+    assert packed.prompt_tokens == counter.prompt_tokens(packed.prompt)
+
+
+# ------------------------------------------------------------------------------------------------ citations
+
+
+def passages_of(*texts: str) -> list:
+    hits = [Hit(f"d{n}:0", f"d{n}", text, {"title": f"T{n}"}, score=1.0 - n / 10) for n, text in enumerate(texts)]
+    return [Passage([hit], hit.text, None, 10) for hit in hits]
+
+
+def test_an_answer_without_markers_cites_the_source_holding_its_new_words() -> None:
+    passages = passages_of(
+        "The guild of Varnholm inspected the lighthouses every spring.",
+        "Halley's comet returns every 76 years; its next visit is due in 2061.",
+    )
+    question = "When is Halley's comet due back?"
+    cites = citations(passages, "Halley's comet is due back in 2061.", question)
+    assert [(c["cited"], c["cited_by"]) for c in cites] == [(False, None), (True, "content")]
+    assert [c["cited"] for c in citations(passages, "I do not know, sorry.", question)] == [False, False]
+    assert [c["cited"] for c in citations(passages, "Halley's comet is due back.", question)] == [False, False], (
+        "an answer that only repeats the question cites nothing"
+    )
+
+
+def test_valid_markers_win_and_invalid_ones_are_ignored() -> None:
+    passages = passages_of("Sea otters hold hands while they sleep.", "Bees dance to show where the flowers are.")
+    cites = citations(passages, "Bees dance [1].", "Why do bees dance?")
+    assert [(c["cited"], c["cited_by"]) for c in cites] == [(True, "marker"), (False, None)]
+    cites = citations(passages, "[7] Bees dance to show where flowers are.", "Why do bees dance?")
+    assert [(c["cited"], c["cited_by"]) for c in cites] == [(False, None), (True, "content")], "[7] names no source"
+    assert all(c["cited"] is None and c["cited_by"] is None for c in citations(passages))

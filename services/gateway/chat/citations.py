@@ -49,7 +49,7 @@ def sources_used(passages: Sequence[Passage], answer: str, question: str) -> tup
 
 def _best_support(passages: Sequence[Passage], answer: str, question: str) -> set[int]:
     said = stems(_MARKER.sub(" ", answer))
-    new = said - stems(question) or said
+    new = said - stems(question)
     if not new:
         return set()
     support = [len(new & stems(passage.text)) / len(new) for passage in passages]
