@@ -90,6 +90,8 @@ def build_spec(args: argparse.Namespace, dataset: Path) -> Any:
     lora = pb.TrainerLoraSettings(target_modules=args.target or [])
     if args.rank is not None:
         lora.rank = args.rank
+    if args.strength is not None:
+        lora.strength = args.strength
     method = {"nf4": pb.TRAINER_QUANT_METHOD_NF4, "none": pb.TRAINER_QUANT_METHOD_NONE}[args.quant]
     spec = pb.TrainerJobSpec(
         name=args.name,
@@ -269,6 +271,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
     parser.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     parser.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="share of the trained update the adapter keeps, (0, 1] (default 1); 0.5 forgets less general text",
+    )
     parser.add_argument(
         "--target", action="append", help="a LoRA target module (repeat; default: q,k,v,o,gate,up,down)"
     )

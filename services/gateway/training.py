@@ -46,6 +46,13 @@ class TrainingJobBody(BaseModel):
     rank: int | None = Field(None, ge=1, le=512, description="LoRA rank (default 16).")
     alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA alpha (default 2 x rank).")
     target_modules: list[str] = Field(default_factory=list, description="Modules to adapt (default: attention+MLP).")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of the trained update the saved adapter keeps (default 1): below 1 interpolates toward "
+        "the base model, which forgets less general text.",
+    )
     quantization: Literal["nf4", "none"] | None = Field(None, description="nf4 = QLoRA (default), none = plain LoRA.")
     max_steps: int | None = Field(None, ge=1, le=_U32, description="Stop after this many optimizer steps.")
     epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the training split (default 1).")
@@ -220,6 +227,8 @@ def _lora(body: TrainingJobBody) -> pb.TrainerLoraSettings:
         lora.rank = body.rank
     if body.alpha is not None:
         lora.alpha = body.alpha
+    if body.strength is not None:
+        lora.strength = body.strength
     return lora
 
 

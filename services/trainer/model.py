@@ -67,6 +67,7 @@ class LoraSettings:
     target_experts: bool = False
     train_router: bool = False
     use_rslora: bool = False
+    strength: float | None = None  # share of the trained update the saved adapter keeps, (0, 1]
 
 
 @dataclass

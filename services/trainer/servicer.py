@@ -137,6 +137,7 @@ def spec_from_proto(spec: pb.TrainerJobSpec) -> JobSpec:
             target_experts=lora.target_experts,
             train_router=lora.train_router,
             use_rslora=lora.use_rslora,
+            strength=_float32(_opt(lora, "strength")),
         ),
         quantization=QuantSettings(
             method=_enum(QUANT_METHODS, quant.method, "quantization.method"),

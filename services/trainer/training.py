@@ -62,6 +62,7 @@ class LoraSpec:
     target_experts: bool = False
     train_router: bool = False
     use_rslora: bool = False
+    strength: float = 1.0  # the share of the trained update the saved adapter keeps (see interpolate_toward_base)
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,24 @@ def wrap_with_lora(model: torch.nn.Module, spec: JobSpec, plan: LoraPlan) -> Any
     return peft_model
 
 
+def interpolate_toward_base(model: torch.nn.Module, strength: float) -> int:
+    """Scale every LoRA B matrix by ``strength``: the adapter's update B·A becomes strength × the trained one.
+
+    That is a weight-space interpolation between the base model (0) and the trained adapter (1), as WiSE-FT does
+    between a model and its fine-tuned copy. A fine-tuned model overshoots toward its small corpus; part of the way
+    back keeps most of what it learned and forgets less of everything else (measured on the bundled corpus: see
+    the README's "The demo's numbers"). Scaling B rather than lora_alpha keeps adapter_config.json as trained and
+    serves the same in every engine. Returns how many matrices were scaled.
+    """
+    scaled = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.mul_(strength)
+                scaled += 1
+    return scaled
+
+
 def make_optimizer(name: str, params: list[torch.nn.Parameter], hyper: HyperSpec, device: str) -> Any:
     if name not in OPTIMIZERS:
         raise InvalidArgument(
@@ -470,6 +489,7 @@ class TrainingRun:
         self.train_s = 0.0
         self.history = History()
         self.lora_plan: LoraPlan | None = None
+        self._interpolated = False
         self._recent: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
         self.model: Any = None
 
@@ -524,17 +544,27 @@ class TrainingRun:
             if self.should_stop():
                 return self._stop()
             self._after_step()
-        self.save_checkpoint("final")
+        self.save_checkpoint("final")  # the update as trained: a resumed run interpolates again from it
+        self._interpolate_toward_base()
         if self.data.eval and not self._has_final_eval() and not self._evaluate("adapter"):
             return self._stop()
         return TrainOutcome("done", self.step, self.plan.total_steps, self.tokens_seen, self.train_s, self.history)
 
     def _stop(self) -> TrainOutcome:
         reason = self.should_stop() or "shutdown"
-        self.save_checkpoint(reason)
+        if not self._interpolated:  # after interpolation the "final" checkpoint already holds the trained update
+            self.save_checkpoint(reason)
         return TrainOutcome(
             "yielded", self.step, self.plan.total_steps, self.tokens_seen, self.train_s, self.history, reason
         )
+
+    def _interpolate_toward_base(self) -> None:
+        """Keep ``strength`` of the trained update, once, after the last step (the final evaluation scores it)."""
+        if self._interpolated or self.spec.lora.strength == 1.0:
+            return
+        scaled = interpolate_toward_base(self.model, self.spec.lora.strength)
+        self._interpolated = True
+        self._log(f"adapter strength {self.spec.lora.strength:g}: {scaled} LoRA B matrices scaled toward the base")
 
     def _has_final_eval(self) -> bool:
         last = self.history.last_adapter_eval()

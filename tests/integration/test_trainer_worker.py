@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,6 +285,36 @@ def perplexities(model: Path, adapter: Path, texts: list[str]) -> list[tuple[flo
                 base_loss = float(tuned(input_ids=ids, labels=ids).loss)
             results.append((math.exp(base_loss), math.exp(float(tuned(input_ids=ids, labels=ids).loss))))
     return results
+
+
+def test_strength_keeps_that_share_of_the_update_and_the_final_eval_scores_it(
+    workdir: Path, reference: Job, tmp_path: Path
+) -> None:
+    """The reference job again from its final checkpoint, with strength 0.5: only the export changes."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "half"
+    shutil.copytree(reference.folder, folder, ignore=shutil.ignore_patterns("output", "events.jsonl", "*.log"))
+    spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    spec["lora"]["strength"] = 0.5
+    (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    job = Job.__new__(Job)
+    job.folder, job.process = folder, None
+    assert job.run() == 0, job.log()
+
+    trained = load_file(reference.folder / "output" / "adapter_model.safetensors")
+    halved = load_file(folder / "output" / "adapter_model.safetensors")
+    assert trained.keys() == halved.keys() and any("lora_B" in name for name in trained)
+    for name, tensor in trained.items():
+        expected = tensor * 0.5 if "lora_B" in name else tensor
+        assert torch.allclose(halved[name], expected, rtol=0, atol=1e-7), name
+    metadata = json.loads((folder / "output" / "baton-adapter.json").read_text(encoding="utf-8"))
+    reference_metadata = json.loads((reference.folder / "output" / "baton-adapter.json").read_text(encoding="utf-8"))
+    assert metadata["lora"]["strength"] == 0.5 and reference_metadata["lora"]["strength"] == 1.0
+    before, after = metadata["eval_perplexity_before"], metadata["eval_perplexity_after"]
+    assert before == reference_metadata["eval_perplexity_before"]
+    assert reference_metadata["eval_perplexity_after"] < after < before, "half the update: between base and adapter"
+    assert any("adapter strength 0.5" in e.get("message", "") for e in job.events() if e["type"] == "log")
 
 
 def test_kill_9_resumes_from_the_checkpoint_and_equals_an_uninterrupted_run(
