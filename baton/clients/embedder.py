@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -24,9 +24,23 @@ from baton.runtime.errors import BatonError, PayloadTooLarge, from_rpc_error
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
 from baton.v1.embedder_pb2 import EmbedderInfoResponse, EmbedderTokenization
 
-__all__ = ["EmbedderClient", "EmbedderInfoResponse", "EmbedderTokenization", "Embeddings", "RemoteTokenizer"]
+__all__ = [
+    "EmbedderClient",
+    "EmbedderInfoResponse",
+    "EmbedderTokenization",
+    "Embeddings",
+    "InputType",
+    "RemoteTokenizer",
+]
 
 T = TypeVar("T")
+# Which side of retrieval texts are (proto InputType): the embedder prepends the model's prompt for it.
+InputType = Literal["query", "passage"]
+_INPUT_TYPES: dict[str | None, int] = {
+    None: embedder_pb2.INPUT_TYPE_UNSPECIFIED,
+    "query": embedder_pb2.INPUT_TYPE_QUERY,
+    "passage": embedder_pb2.INPUT_TYPE_PASSAGE,
+}
 
 # Reasons whose error class is more specific than the status code alone says (proto/baton/v1/embedder.proto):
 # an over-long input is INVALID_ARGUMENT on the wire but "too large" (HTTP 413) to a caller that re-serves it.
@@ -93,13 +107,17 @@ class EmbedderClient:
         normalize: bool = True,
         truncate: bool = False,
         prompt_name: str | None = None,
+        input_type: InputType | None = None,
     ) -> np.ndarray:
         """Vectors of ``texts`` in order, float32 (len(texts), dim). Any number of texts (split into requests).
+        ``input_type``: "query" (the server's default for Embed) or "passage" (chunks to be found).
 
         An input over the model's max_input_length raises ``PayloadTooLarge`` (reason INPUT_TOO_LONG, metadata
         ``index`` into ``texts``) unless ``truncate``.
         """
-        answer = await self.embed_with_usage(texts, normalize=normalize, truncate=truncate, prompt_name=prompt_name)
+        answer = await self.embed_with_usage(
+            texts, normalize=normalize, truncate=truncate, prompt_name=prompt_name, input_type=input_type
+        )
         return answer.vectors
 
     async def embed_with_usage(
@@ -109,12 +127,17 @@ class EmbedderClient:
         normalize: bool = True,
         truncate: bool = False,
         prompt_name: str | None = None,
+        input_type: InputType | None = None,
     ) -> Embeddings:
         """``embed``, plus the tokens the server counted and its model id: no second round trip to count them."""
         size = await self._max_batch()
         requests = [
             embedder_pb2.EmbedRequest(
-                inputs=texts[start : start + size], normalize=normalize, truncate=truncate, prompt_name=prompt_name
+                inputs=texts[start : start + size],
+                normalize=normalize,
+                truncate=truncate,
+                prompt_name=prompt_name,
+                input_type=_INPUT_TYPES[input_type],
             )
             for start in range(0, max(len(texts), 1), size)
         ]
@@ -140,23 +163,34 @@ class EmbedderClient:
         *,
         add_special_tokens: bool = True,
         prompt_name: str | None = None,
+        input_type: InputType | None = None,
         include_tokens: bool = False,
     ) -> list[EmbedderTokenization]:
-        """Token ids with code-point offsets (``text[start:end]`` is the token's source), never truncated."""
+        """Token ids with code-point offsets (``text[start:end]`` is the token's source), never truncated. The
+        prompt of ``prompt_name`` or of ``input_type``'s side is counted as Embed would prepend it."""
         request = embedder_pb2.EmbedderTokenizeRequest(
             inputs=list(texts),
             add_special_tokens=add_special_tokens,
             prompt_name=prompt_name,
+            input_type=_INPUT_TYPES[input_type],
             include_tokens=include_tokens,
         )
         return list((await self._call(self.stub.Tokenize, request)).tokenizations)
 
     async def count_tokens(
-        self, texts: Sequence[str], *, add_special_tokens: bool = True, prompt_name: str | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        prompt_name: str | None = None,
+        input_type: InputType | None = None,
     ) -> list[int]:
         """Tokens per text as Embed would see them (untruncated: above max_input_length means too long)."""
         request = embedder_pb2.EmbedderCountTokensRequest(
-            inputs=list(texts), add_special_tokens=add_special_tokens, prompt_name=prompt_name
+            inputs=list(texts),
+            add_special_tokens=add_special_tokens,
+            prompt_name=prompt_name,
+            input_type=_INPUT_TYPES[input_type],
         )
         return list((await self._call(self.stub.CountTokens, request)).token_counts)
 
@@ -198,7 +232,9 @@ class RemoteTokenizer:
     @classmethod
     async def create(cls, client: EmbedderClient) -> RemoteTokenizer:
         info = await client.info()
-        (probe,) = await client.tokenize(["a"])
+        # Chunks are embedded as passages: the passage prompt's tokens (e5's "passage:") take room like the
+        # special tokens do, so they count with them.
+        (probe,) = await client.tokenize(["a"], input_type="passage")
         return cls(client, max_input_length=info.max_input_length, special_tokens_count=sum(probe.special))
 
     @property

@@ -590,7 +590,9 @@ class EmbeddedStore:
             hits = _vector_hits(index, vector, depth, allowed)
             vectors = dict(zip(hits.rowids.tolist(), hits.scores.tolist(), strict=True))
         if weight is None:
-            weight = choose_vector_weight(query.text, query.embedder_languages, list(vectors.values()))
+            weight = choose_vector_weight(
+                query.text, query.embedder_languages, list(vectors.values()), bm25_scores=list(bm25.values())
+            )
         if query.fusion is FusionMethod.RELATIVE_SCORE and weight > 0:
             # Every candidate gets both scores: its exact cosine, and BM25's floor (0) outside BM25's list.
             # (Fetching the true BM25 of vector-only candidates changed SciFact nDCG@10 by 0.0002 and cost more
@@ -673,6 +675,27 @@ class EmbeddedStore:
                     "new store path",
                     reason="STORE_SCHEMA_MISMATCH",
                 )
+
+    def embedding_model(self) -> str | None:
+        """The embedding model whose vectors this store holds (``baton.store.reembed.model_identity``), None for a
+        store written before models were recorded."""
+        row = self._conn.execute("SELECT value FROM store_meta WHERE key = 'embedding_model'").fetchone()
+        return None if row is None else str(row[0])
+
+    def sample_chunks(self, limit: int) -> list[tuple[str, np.ndarray]]:
+        """Up to ``limit`` (text, vector) pairs, spread over the store (to check which model made the vectors)."""
+        rows = self._reader().execute(
+            "SELECT text, vector FROM chunk_bodies WHERE id % (SELECT MAX(1, COUNT(*) / ?) FROM chunk_bodies) = 0 "
+            "ORDER BY id LIMIT ?",
+            (limit, limit),
+        )
+        return [(str(text), np.frombuffer(vector, dtype=np.float32)) for text, vector in rows]
+
+    def set_embedding_model(self, identity: str) -> None:
+        with self._writer:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO store_meta (key, value) VALUES ('embedding_model', ?)", (identity,)
+            )
 
     def _stored_dim(self) -> int | None:
         row = self._conn.execute("SELECT value FROM store_meta WHERE key = 'dim'").fetchone()

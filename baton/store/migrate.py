@@ -83,7 +83,7 @@ def migrate_to_weaviate(
         raise FailedPrecondition(f"{source} holds no embedded store (no store.sqlite)", reason="NO_SOURCE_STORE")
     embedded = EmbeddedStore(source)  # the lock and the schema check
     try:
-        with _read_only(source / "store.sqlite") as conn:
+        with read_only(source / "store.sqlite") as conn:
             progress = Progress.load(progress_path)
             tenants = [name for (name,) in conn.execute("SELECT name FROM tenants ORDER BY name")]
             for tenant in tenants:
@@ -91,7 +91,7 @@ def migrate_to_weaviate(
                     continue
                 if progress.tenant != tenant:
                     progress.tenant, progress.after = tenant, ""
-                for documents in _document_batches(conn, tenant, progress.after, documents_per_batch):
+                for documents in document_batches(conn, tenant, progress.after, documents_per_batch):
                     target.replace_documents(tenant, documents)
                     progress.after = max(documents)
                     progress.chunks += sum(len(chunks) for chunks in documents.values())
@@ -118,7 +118,10 @@ def _check(embedded: EmbeddedStore, target: WeaviateStore, tenant: str) -> Tenan
     )
 
 
-class _read_only:
+class read_only:
+    """A read-only SQLite connection to a store file, as a context manager: it takes no lock a running gateway
+    holds (WAL readers go on beside its writes)."""
+
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
@@ -129,7 +132,7 @@ class _read_only:
         self.conn.close()
 
 
-def _document_batches(
+def document_batches(
     conn: sqlite3.Connection, tenant: str, after: str, size: int
 ) -> Iterator[dict[str, list[ChunkRecord]]]:
     (tenant_id,) = conn.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()

@@ -320,6 +320,29 @@ class WeaviateStore:
 
     # --- beyond the protocol -------------------------------------------------------------------------------------
 
+    def embedding_model(self) -> str | None:
+        """Recorded in the chunk collection's description (collection-level metadata that Weaviate keeps)."""
+        with self._errors("read the collection's embedding model"):
+            description = self._chunks.config.get().description or ""
+        return description.partition(_MODEL_MARK)[2] or None
+
+    def set_embedding_model(self, identity: str) -> None:
+        with self._writer, self._errors("record the collection's embedding model"):
+            self._chunks.config.update(description=f"{_CHUNKS_DESCRIPTION}{_MODEL_MARK}{identity}")
+
+    def sample_chunks(self, limit: int) -> list[tuple[str, np.ndarray]]:
+        sample: list[tuple[str, np.ndarray]] = []
+        with self._errors("sample chunks"):
+            for name in self.tenants():
+                query = self._chunks.with_tenant(name).query
+                found = query.fetch_objects(limit=limit - len(sample), include_vector=True)
+                for item in found.objects:
+                    vector = item.vector.get("default") if isinstance(item.vector, dict) else item.vector
+                    sample.append((str(item.properties["text"]), np.asarray(vector, dtype=np.float32)))
+                if len(sample) >= limit:
+                    break
+        return sample
+
     def tenants(self) -> list[str]:
         """The Weaviate tenant names in the collection (hashed for baton tenant names Weaviate cannot spell)."""
         with self._errors("list tenants"):
@@ -462,7 +485,9 @@ class WeaviateStore:
             vectors, vector_found = self._vector_top(chunks_of, vector, depth, view)
             found = {**vector_found, **found}
         if weight is None:
-            weight = choose_vector_weight(query.text, query.embedder_languages, list(vectors.values()))
+            weight = choose_vector_weight(
+                query.text, query.embedder_languages, list(vectors.values()), bm25_scores=list(bm25.values())
+            )
         if query.fusion is FusionMethod.RELATIVE_SCORE and weight > 0:
             vectors.update(_cosines([key for key in bm25 if key not in vectors], found, vector))
             bm25 = {**dict.fromkeys(vectors, 0.0), **bm25}
@@ -628,6 +653,10 @@ def _connect(config: WeaviateConfig) -> weaviate.WeaviateClient:
         raise _unavailable(config, "connect", error) from error
 
 
+_CHUNKS_DESCRIPTION = "baton chunks (baton.store.weaviate)"
+_MODEL_MARK = "; embedding model: "
+
+
 def _create_chunk_collection(client: weaviate.WeaviateClient, config: WeaviateConfig) -> None:
     text, array = wvc.config.DataType.TEXT, wvc.config.DataType.TEXT_ARRAY
     field_token = wvc.config.Tokenization.FIELD
@@ -639,7 +668,7 @@ def _create_chunk_collection(client: weaviate.WeaviateClient, config: WeaviateCo
 
     client.collections.create(
         config.collection,
-        description="baton chunks (baton.store.weaviate)",
+        description=_CHUNKS_DESCRIPTION,
         properties=[
             keyword("chunk_id"),
             keyword("document_id"),

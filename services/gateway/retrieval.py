@@ -46,7 +46,7 @@ class Retriever:
     async def _search(self, request: SearchRequest, query: str) -> list[Hit]:
         vector = None
         if request.mode is not SearchMode.BM25:
-            vector = np.asarray((await self._embedder.embed([query]))[0], dtype=np.float32)
+            vector = np.asarray((await self._embedder.embed([query], input_type="query"))[0], dtype=np.float32)
         store_query = StoreQuery(
             tenant=request.tenant,
             text=query,

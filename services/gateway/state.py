@@ -15,6 +15,13 @@ from baton.runtime.errors import BatonError, Unavailable
 from baton.runtime.logging import log_event
 from baton.store.base import VectorStore
 from baton.store.embedded import EmbeddedStore
+from baton.store.reembed import (
+    REEMBED_REMEDY,
+    WEAVIATE_REMEDY,
+    check_store_model,
+    model_identity,
+    swap_in_reembedded,
+)
 from services.gateway.auth import KeyStore, load_admin_key
 from services.gateway.catalog import Catalog
 from services.gateway.chat.service import ChatService
@@ -57,7 +64,7 @@ class GatewayState:
             tokenizer.max_input_length, tokenizer.special_tokens_count
         )
         catalog = Catalog(settings.resolved_catalog_path())
-        store = open_store(settings)
+        store = await open_checked_store(settings, embedder, model_identity(info.model_id, info.model_sha))
         limits = IngestLimits(settings.max_document_bytes, settings.ingest_concurrency)
         # Cleaned texts for the trainer (documents datasets): BATON_HOME/texts/<content_hash>.txt.
         pipeline = IngestPipeline(catalog, store, embedder, tokenizer, chunking, limits, settings.home / "texts")
@@ -129,6 +136,28 @@ async def _wait_for_embedder(embedder: EmbedderClient, wait_s: float):  # noqa: 
                     "start it (baton serve embedder) or set BATON_GATEWAY_EMBEDDER_ADDR"
                 ) from error
             await asyncio.sleep(0.5)
+
+
+async def open_checked_store(settings: GatewaySettings, embedder: EmbedderClient, identity: str) -> VectorStore:
+    """The store, holding vectors of the embedder's model only: a finished re-embedding for this model is swapped
+    in first; a store of another model is refused (EMBEDDING_MODEL_MISMATCH, naming `baton store reembed`)."""
+    if settings.store == "embedded":
+        retired = swap_in_reembedded(settings.resolved_store_path(), identity)
+        if retired is not None:
+            log_event(log, "gateway.store_swapped", model=identity, previous=str(retired))
+    store = open_store(settings)
+    if settings.store == "weaviate":
+        where, remedy = f"{settings.weaviate_url} (collection {settings.weaviate_collection})", WEAVIATE_REMEDY
+    else:
+        where, remedy = str(settings.resolved_store_path()), REEMBED_REMEDY
+    try:
+        await check_store_model(
+            store, identity, lambda texts: embedder.embed(texts, input_type="passage"), where=where, remedy=remedy
+        )
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def open_store(settings: GatewaySettings) -> VectorStore:

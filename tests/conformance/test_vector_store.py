@@ -92,6 +92,19 @@ def test_upsert_then_every_mode_finds_the_chunk(store: VectorStore) -> None:
     assert ids(hybrid_search(store, "lemons", unit(102)))[0] == "d1:2"
 
 
+def test_the_store_records_the_model_of_its_vectors_and_samples_them(store: VectorStore) -> None:
+    assert store.embedding_model() is None  # nothing recorded yet (or a store from before models were recorded)
+    assert store.sample_chunks(4) == []
+    store.set_embedding_model("intfloat/multilingual-e5-small (sha256 0123456789abcdef)")
+    store.replace_document(TENANT, "d1", document("d1", ["red apples", "green pears"], seed=1))
+    store.replace_document("bob", "d2", document("d2", ["blue plums"], seed=2, tenant="bob"))
+    assert store.embedding_model() == "intfloat/multilingual-e5-small (sha256 0123456789abcdef)"
+    sample = dict(store.sample_chunks(8))
+    assert set(sample) == {"red apples", "green pears", "blue plums"}
+    assert np.allclose(sample["green pears"], unit(101), atol=1e-5)
+    assert len(store.sample_chunks(1)) == 1
+
+
 def test_reupsert_replaces_every_chunk_of_the_document(store: VectorStore) -> None:
     store.replace_document(TENANT, "d1", document("d1", ["alpha one", "alpha two", "alpha three"], seed=1))
     store.replace_document(TENANT, "d2", document("d2", ["beta"], seed=2))

@@ -21,7 +21,7 @@ TEXT = "# Заметки\n\nСвобода   воли —\u200b способно
 
 
 class FakeEmbedder:
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+    async def embed(self, texts: Sequence[str], *, input_type: str | None = None) -> np.ndarray:
         rng = np.random.default_rng(len(texts))
         return rng.standard_normal((len(texts), 8)).astype(np.float32)
 

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from baton.clients.embedder import InputType
 from baton.runtime.errors import BatonError, PayloadTooLarge
 from baton.runtime.logging import log_event
 from baton.store.analysis import detect_language
@@ -45,7 +46,9 @@ SUPPORTED_SUFFIXES = frozenset(SUPPORTED_FORMATS)
 
 
 class Embedder(Protocol):
-    async def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+    async def embed(self, texts: Sequence[str], *, input_type: InputType | None = None) -> np.ndarray:
+        """Vectors of ``texts``; ``input_type`` says which side of retrieval they are (chunks: "passage")."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,8 @@ class IngestPipeline:
             return DocumentOutcome(item.source, "duplicate", document_id)
         chunks = await chunk_document(document, self._tokenizer, self._chunking)
         started = time.monotonic()
-        vectors = await self._embedder.embed([chunk.text for chunk in chunks]) if chunks else np.zeros((0, 0))
+        texts = [chunk.text for chunk in chunks]
+        vectors = await self._embedder.embed(texts, input_type="passage") if chunks else np.zeros((0, 0))
         report.embed_s += time.monotonic() - started
         records = [
             _record(tenant, document_id, row, chunk, vector) for chunk, vector in zip(chunks, vectors, strict=True)

