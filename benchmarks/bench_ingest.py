@@ -8,6 +8,9 @@ Russian text) is ingested by a real gateway + embedder (a fresh `baton up`-style
   baseline is the embedder's own forward-pass time for the same chunks, measured in the same run.
 
     .venv/bin/python benchmarks/bench_ingest.py [--pages 2000]
+
+The stack runs the embedder's default model (multilingual-e5-small); BATON_EMBEDDER_MODEL=all-minilm-l6-v2 in the
+environment runs MiniLM instead. The table names the model.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def main() -> None:
         stack = Stack(Path(tmp) / "home", ports, allowed_roots=[corpus])
         stack.up()
         metrics_url = f"http://127.0.0.1:{ports.embedder_http}/metrics"
+        model = httpx.get(f"http://127.0.0.1:{ports.embedder_http}/info").json()["model_id"]
         try:
             with GatewayClient(ports.gateway_url, api_key=stack.api_key) as client:
                 busy_before = embedder_busy_s(metrics_url)
@@ -116,7 +120,7 @@ def main() -> None:
             stack.down()
     chunks = int(report["chunks"])
     print_table(
-        f"Ingest, end to end: {pages} pages in {files} files (md/html/pdf, English + Russian), 2 CPU cores",
+        f"Ingest, end to end: {pages} pages in {files} files (md/html/pdf, English + Russian), embedder {model}",
         ["measure", "value"],
         [
             ["wall time, s", wall],
