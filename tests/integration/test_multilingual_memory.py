@@ -77,6 +77,24 @@ async def test_tokenize_counts_the_passage_prompt_as_embed_does(e5_embedder_serv
         assert answer.total_tokens == passage.token_count
 
 
+async def test_chunks_fill_but_never_pass_what_e5_reads_with_its_passage_prefix(
+    e5_gateway_service: GatewayHandle, e5_embedder_service: EmbedderHandle
+) -> None:
+    """A long Russian document: every chunk, embedded as a passage ("passage: " and <s> </s> included), fits the
+    model's 512 tokens, and the chunker used that room (the engine would otherwise average windows silently)."""
+    data = BeirDataset.load(RU_SET)
+    long_text = "\n\n".join(text for _, text in list(data.corpus.values())[:24])
+    with e5_gateway_service.client("long-document") as client:
+        client.upload_texts([("long.txt", long_text)])
+        hits = client.search("город река обсерватория", k=100, mode="bm25")["hits"]
+    texts = [hit["text"] for hit in hits]
+    assert len(texts) >= 3
+    async with e5_embedder_service.client() as embedder:
+        counts = await embedder.count_tokens(texts, input_type="passage")
+    assert max(counts) <= 512
+    assert max(counts) >= 400  # the room was used, not shrunk for a wrongly counted prompt
+
+
 # ---------------------------------------------------------------------------------------------------- the Russian set
 
 

@@ -1,7 +1,8 @@
 """Retrieval quality on real benchmarks, through the whole path (upload → parse → chunk → embed → store → search).
 
-Reads ../shared/data (never copied into the project). The thresholds are issue 3's: XQuAD-en hybrid recall@10
->= 0.97; SciFact hybrid nDCG@10 >= 0.70 and BM25 within 0.02 of 0.665.
+Reads ../shared/data (never copied into the project). XQuAD-en runs on the default embedder (multilingual-e5-small):
+hybrid recall@10 >= 0.99 (issue 15; it measured 0.999, BM25 0.994). SciFact keeps issue 3's thresholds on MiniLM:
+hybrid nDCG@10 >= 0.70 and BM25 within 0.02 of 0.665.
 """
 
 from __future__ import annotations
@@ -26,26 +27,31 @@ def dataset(name: str) -> BeirDataset:
     return BeirDataset.load(folder)
 
 
-def test_xquad_hybrid_recall_at_10(gateway_service: GatewayHandle) -> None:
+def test_xquad_hybrid_recall_at_10(e5_gateway_service: GatewayHandle) -> None:
     data = dataset("xquad-en")
-    with gateway_service.client("eval-xquad") as client:
+    with e5_gateway_service.client("eval-xquad") as client:
         upload_corpus(client, data, lambda _: None)
         scores = {mode: evaluate(client, data, mode) for mode in ("bm25", "vector", "hybrid")}
     for mode, score in scores.items():
         print(f"xquad-en {mode}: nDCG@10 {score.ndcg_at_10:.4f} recall@10 {score.recall_at_10:.4f}")
-    assert scores["hybrid"].recall_at_10 >= 0.97
-    assert scores["hybrid"].ndcg_at_10 >= max(scores["bm25"].ndcg_at_10, scores["vector"].ndcg_at_10) - 0.005
+    assert scores["hybrid"].recall_at_10 >= 0.99
+    assert scores["hybrid"].ndcg_at_10 >= max(scores["bm25"].ndcg_at_10, scores["vector"].ndcg_at_10)
 
 
-@pytest.mark.eval  # ~10 min of embedding on 2 CPU cores: `make eval` runs it; `make test` keeps XQuAD as the guard
-def test_scifact_hybrid_ndcg_at_10(gateway_service: GatewayHandle) -> None:
+# Embedding SciFact's 5,183 abstracts takes ~10 min with MiniLM and ~1 h with e5 on 2 CPU cores: `make eval` runs
+# these; `make test` keeps XQuAD as the guard. Thresholds: issue 3 (MiniLM), issue 15 (e5: no regression beyond 0.01
+# from MiniLM's 0.731).
+@pytest.mark.eval
+@pytest.mark.parametrize(("gateway", "threshold"), [("gateway_service", 0.70), ("e5_gateway_service", 0.72)])
+def test_scifact_hybrid_ndcg_at_10(gateway: str, threshold: float, request: pytest.FixtureRequest) -> None:
     data = dataset("scifact")
-    with gateway_service.client("eval-scifact") as client:
+    service: GatewayHandle = request.getfixturevalue(gateway)
+    with service.client("eval-scifact") as client:
         upload_corpus(client, data, lambda _: None)
         scores = {mode: evaluate(client, data, mode) for mode in ("bm25", "vector", "hybrid")}
     for mode, score in scores.items():
-        print(f"scifact {mode}: nDCG@10 {score.ndcg_at_10:.4f} recall@100 {score.recall_at_100:.4f}")
-    assert scores["hybrid"].ndcg_at_10 >= 0.70
+        print(f"scifact {gateway} {mode}: nDCG@10 {score.ndcg_at_10:.4f} recall@100 {score.recall_at_100:.4f}")
+    assert scores["hybrid"].ndcg_at_10 >= threshold
     assert abs(scores["bm25"].ndcg_at_10 - 0.665) <= 0.02
 
 
