@@ -66,12 +66,15 @@ def reembed(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from baton.runtime.errors import PayloadTooLarge
-    from baton.store.reembed import model_identity, reembed_store, total_chunks
+    from baton.store.reembed import WEAVIATE_REMEDY, model_identity, reembed_store, total_chunks
     from services.embedder.local import LocalEmbedder
     from services.embedder.settings import EmbedderSettings
     from services.gateway.settings import GatewaySettings
 
-    source = (args.store or GatewaySettings().resolved_store_path()).expanduser().resolve()
+    gateway = GatewaySettings()
+    if args.store is None and gateway.store == "weaviate":
+        raise SystemExit(f"baton store reembed: for the embedded store; this gateway uses Weaviate. {WEAVIATE_REMEDY}")
+    source = (args.store or gateway.resolved_store_path()).expanduser().resolve()
     flags = {"model": args.model, "model_path": args.model_path, "backend": args.backend}
     embedder = LocalEmbedder(EmbedderSettings(**{key: value for key, value in flags.items() if value is not None}))
     identity = model_identity(embedder.card.model_id, embedder.card.model_sha)
