@@ -26,7 +26,9 @@ help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMPS)/base: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A venv of another Python (an older checkout's 3.11) is rebuilt, stamps and caches with it.
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null || { test ! -e $(VENV) || \
+	  echo "$(VENV) is not Python 3.12: rebuilding it"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip==25.3
 	$(PY) -m pip install --quiet --editable '.[dev,gateway,ml]'
 	@mkdir -p $(STAMPS) && touch $@

@@ -3,12 +3,10 @@ stack as local processes (scheduler, embedder with MiniLM, inference with the hf
 trainer, gateway), runs the cycle on examples/corpus and must finish within the issue's 10 minutes.
 
 What it must show, checked from the numbers the demo writes (BATON_HOME/demo.json) and prints: the adapter predicts
-the author's held-out documents at least 20 % better than the base model (the issue's goal); it prefers the author's
-side of the stance probe clearly more often than the base; it has not forgotten other text wholesale; and the answer
-cites the one document that holds the fact asked about and states a fact from it (a word the question lacks). The
-issue's stricter goals for the middle two (control within +5 %, stance >= 75 %) are not reached by two CPU epochs of
-Gemma 3 270M (measured: control +16 %, stance 61 %; README "The demo's numbers"): these bounds guard what is
-reached.
+the author's held-out documents at least 20 % better than the base model and general (control) text no more than 5 %
+worse (the issue's goals); it prefers the author's side of the stance probe clearly more often than the base (the
+issue's 75 % is not reached: 66 % measured, README "The demo's numbers"); and the answer cites the one document that
+holds the fact asked about and states a fact from it (a word the question lacks).
 
 ``--keep`` leaves the stack up, so that the test can ask the gateway itself, with the key the demo's ``baton up``
 wrote, whether the new adapter is registered and served, and whether an answer cites the one document that holds
@@ -90,8 +88,8 @@ def test_make_demo_runs_the_whole_cycle_in_time(demo_home: Path) -> None:
     held, control, stance = views["heldout"], views["control"], views["stance"]
     assert held["texts"] >= 5 and stance["pairs"] >= 20
     assert held["adapter"] <= 0.80 * held["base"], views  # learned the author: unseen texts >= 20 % less surprising
-    assert control["adapter"] <= 1.30 * control["base"], views  # no wholesale forgetting (goal: +5 %, not reached)
-    assert stance["adapter_preferred"] >= stance["base_preferred"] + 0.05, views  # toward the author (goal: 75 %)
+    assert control["adapter"] <= 1.05 * control["base"], views  # and did not forget general text (the goal: +5 %)
+    assert stance["adapter_preferred"] >= stance["base_preferred"] + 0.10, views  # toward the author (goal: 75 %)
     # The answer states a fact from its cited source: a word the question does not hold, taken from that document
     # (the name "Старик", or e.g. "барометр-анероид" — what Gemma 3 270M answers without the adapter).
     assert DEMO_SOURCE in [Path(c["source"]).name for c in result["citations"]], result["citations"]
