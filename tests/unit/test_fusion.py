@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from baton.store.fusion import (
     COVERED_VECTOR_WEIGHT,
+    FLAT_BM25_VECTOR_WEIGHT,
     FusionMethod,
+    bm25_weakness,
     choose_vector_weight,
     dense_flatness_z,
     fuse,
@@ -92,6 +94,23 @@ def test_a_language_the_embedder_does_not_declare_gates_the_dense_side_off() -> 
 def test_a_declared_language_gets_the_covered_weight() -> None:
     assert choose_vector_weight("what is philosophy of freedom", ["en"], FLAT) == COVERED_VECTOR_WEIGHT
     assert choose_vector_weight("философия свобода", ["*"], FLAT) == COVERED_VECTOR_WEIGHT
+
+
+def test_a_covered_query_leans_on_the_dense_side_when_bm25_has_no_clear_winner() -> None:
+    question = "what keeps a bridge from swaying"
+    decisive_bm25 = [12.0, *np.linspace(3.0, 2.0, 60).tolist()]  # one passage shares the rare words
+    flat_bm25 = np.linspace(2.6, 2.2, 61).tolist()  # a paraphrase: many passages share a common word or two
+    assert bm25_weakness(decisive_bm25) == 0.0
+    assert bm25_weakness(flat_bm25) == 1.0
+    assert bm25_weakness([]) == 1.0  # no word of the query is in the texts (another language)
+    assert bm25_weakness([3.0, 2.0]) == 0.0  # too few to judge: the covered weight stands
+    assert choose_vector_weight(question, ["en"], FLAT, bm25_scores=decisive_bm25) == COVERED_VECTOR_WEIGHT
+    assert choose_vector_weight(question, ["en"], FLAT, bm25_scores=flat_bm25) == FLAT_BM25_VECTOR_WEIGHT
+    assert choose_vector_weight(question, ["en"], FLAT, bm25_scores=[]) == FLAT_BM25_VECTOR_WEIGHT
+    middle = choose_vector_weight(question, ["en"], FLAT, bm25_scores=[2.75, *np.linspace(2.6, 2.2, 60).tolist()])
+    assert COVERED_VECTOR_WEIGHT < middle < FLAT_BM25_VECTOR_WEIGHT
+    # A language the embedder does not cover stays gated, however flat BM25 is.
+    assert choose_vector_weight("философия свобода", ["en"], CLEAR_WINNER, bm25_scores=flat_bm25) == 0.0
 
 
 def test_undeclared_languages_fall_back_to_the_score_distribution() -> None:
