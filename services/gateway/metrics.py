@@ -18,6 +18,9 @@ INGEST_DOCUMENTS = Counter(
 )
 INGEST_CHUNKS = Counter("baton_gateway_ingest_chunks", "Chunks written to the store by ingests.")
 INGEST_PENDING = Gauge("baton_gateway_ingest_documents_pending", "Documents of running ingests not processed yet.")
+QUERY_CACHE = Counter(
+    "baton_gateway_query_cache", "Query-vector cache lookups of memory searches, by result (hit or miss).", ["result"]
+)
 SEARCH_SECONDS = Histogram(
     "baton_gateway_search_seconds",
     "One memory search (query embedding and store search), by mode.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,12 +26,53 @@ class SearchRequest:
     filters: Filters | None = None
 
 
+class QueryVectorCache:
+    """The vectors of recent queries, least recently used first out.
+
+    A chat turn, a retry and the same search from a page ask for one query's vector again and again; embedding it
+    is most of a search's time (a transformer forward on the embedder), a lookup here is a dict access. One cache
+    serves one embedding model: the gateway builds it with the embedder it talks to, so a vector never outlives the
+    model that made it. ``capacity`` 0 turns it off.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, query: str) -> np.ndarray | None:
+        vector = self._vectors.get(query)
+        if vector is not None:
+            self._vectors.move_to_end(query)
+        metrics.QUERY_CACHE.labels("hit" if vector is not None else "miss").inc()
+        return vector
+
+    def put(self, query: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        vector.setflags(write=False)  # shared by every later search of the same query
+        self._vectors[query] = vector
+        self._vectors.move_to_end(query)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+
 class Retriever:
-    def __init__(self, store: VectorStore, embedder: Embedder, embedder_languages: Sequence[str], max_k: int) -> None:
+    def __init__(
+        self,
+        store: VectorStore,
+        embedder: Embedder,
+        embedder_languages: Sequence[str],
+        max_k: int,
+        query_cache: QueryVectorCache | None = None,
+    ) -> None:
         self._store = store
         self._embedder = embedder
         self._languages = tuple(embedder_languages)
         self._max_k = max_k
+        self._cache = query_cache if query_cache is not None else QueryVectorCache(0)
 
     async def search(self, request: SearchRequest) -> list[Hit]:
         query = request.query.strip()
@@ -46,7 +88,7 @@ class Retriever:
     async def _search(self, request: SearchRequest, query: str) -> list[Hit]:
         vector = None
         if request.mode is not SearchMode.BM25:
-            vector = np.asarray((await self._embedder.embed([query], input_type="query"))[0], dtype=np.float32)
+            vector = await self._query_vector(query)
         store_query = StoreQuery(
             tenant=request.tenant,
             text=query,
@@ -57,6 +99,13 @@ class Retriever:
             embedder_languages=self._languages,
         )
         return await asyncio.to_thread(self._store.search, store_query)
+
+    async def _query_vector(self, query: str) -> np.ndarray:
+        vector = self._cache.get(query)
+        if vector is None:
+            vector = np.asarray((await self._embedder.embed([query], input_type="query"))[0], dtype=np.float32)
+            self._cache.put(query, vector)
+        return vector
 
 
 def citation(rank: int, hit: Hit) -> dict[str, object]:

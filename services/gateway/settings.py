@@ -50,6 +50,12 @@ class GatewaySettings(CommonSettings):
     chunk_overlap_tokens: int = Field(64, ge=0, description="Tokens shared by neighbouring chunks.")
     ingest_concurrency: int = Field(4, ge=1, le=64, description="Documents processed at once during ingest.")
     max_search_k: int = Field(1000, ge=1, description="Largest k a search may ask for.")
+    query_cache_size: int = Field(
+        4096,
+        ge=0,
+        description="Query vectors kept for repeated searches (least recently used out; 0 = off). "
+        "About 1.5 KB each at 384 dimensions.",
+    )
     inference_addr: str = Field(
         "127.0.0.1:50062", description="gRPC address of the inference service (chat and /v1/models)."
     )

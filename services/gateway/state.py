@@ -29,7 +29,7 @@ from services.gateway.gpu import GpuArbiter, GpuView
 from services.gateway.ingest.chunker import ChunkingConfig
 from services.gateway.ingest.pipeline import IngestLimits, IngestPipeline
 from services.gateway.jobs import IngestJobs
-from services.gateway.retrieval import Retriever
+from services.gateway.retrieval import QueryVectorCache, Retriever
 from services.gateway.settings import GatewaySettings
 from services.gateway.training import TrainingService
 
@@ -68,7 +68,8 @@ class GatewayState:
         limits = IngestLimits(settings.max_document_bytes, settings.ingest_concurrency)
         # Cleaned texts for the trainer (documents datasets): BATON_HOME/texts/<content_hash>.txt.
         pipeline = IngestPipeline(catalog, store, embedder, tokenizer, chunking, limits, settings.home / "texts")
-        retriever = Retriever(store, embedder, list(info.languages), settings.max_search_k)
+        query_cache = QueryVectorCache(settings.query_cache_size)
+        retriever = Retriever(store, embedder, list(info.languages), settings.max_search_k, query_cache)
         log_event(
             log,
             "gateway.ready",
