@@ -108,6 +108,10 @@ class LeaseClient:
     async def gpu_state(self) -> lease_pb2.GpuState:
         return await self._unary(self.stub.GetGpuState, lease_pb2.GetGpuStateRequest())
 
+    async def gpu_history(self, window_s: float = 0.0) -> lease_pb2.GpuHistory:
+        """Leases held in the last ``window_s`` seconds (0: the scheduler's default hour)."""
+        return await self._unary(self.stub.GetGpuHistory, lease_pb2.GetGpuHistoryRequest(window_s=window_s))
+
     async def heartbeat(self, ref: lease_pb2.LeaseRef) -> lease_pb2.HeartbeatResponse:
         return await self._unary(self.stub.Heartbeat, lease_pb2.HeartbeatRequest(lease=ref))
 

@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from baton.clients.inference import InferenceClient
 from baton.clients.trainer import TrainerClient
 from baton.lease.client import LeaseClient
-from baton.runtime.errors import BatonError, Unavailable
+from baton.runtime.errors import BatonError, InvalidArgument, Unavailable
 from baton.runtime.logging import log_event
 from baton.v1 import inference_pb2, lease_pb2
 
@@ -39,6 +40,8 @@ _KINDS = {
 }
 _TRAINER_PREFIX = "trainer/"
 _POLL_S = 0.25
+DEFAULT_HISTORY_S = 3600.0  # the scheduler's default window (window_s 0)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,25 +75,43 @@ class GpuView:
         self.queue_max_wait_s = queue_max_wait_s
 
     async def state(self) -> tuple[lease_pb2.GpuState, list[Holder]]:
+        state = await self._scheduler(self.leases.gpu_state())
+        holders = await asyncio.gather(*(self._holder(h) for h in state.holders))
+        return state, list(holders)
+
+    async def history(self, tenant: str, window_s: float) -> dict[str, Any]:
+        """Who held the GPU in the last ``window_s`` seconds, as ``tenant`` may see it (another tenant's training
+        job shows as "trainer/…")."""
+        history = await self._scheduler(self.leases.gpu_history(window_s))
+        job_ids = {_job_id(i.holder_id) for i in history.intervals} - {""}
+        tenants = dict(zip(job_ids, await asyncio.gather(*(self._job_tenant(j) for j in job_ids)), strict=True))
+        return {
+            "now_unix_s": history.now_unix_s,
+            "window_s": window_s or DEFAULT_HISTORY_S,
+            "intervals": [interval_json(i, tenants.get(_job_id(i.holder_id), "") == tenant) for i in history.intervals],
+        }
+
+    async def _scheduler(self, call: Awaitable[T]) -> T:
         try:
-            state = await self.leases.gpu_state()
+            return await call
         except BatonError as error:
+            if isinstance(error, InvalidArgument):
+                raise
             raise Unavailable(
                 f"the GPU scheduler at {self.leases.target} does not answer ({error.message}); start it (baton serve "
                 "scheduler) or set BATON_GATEWAY_SCHEDULER_ADDR",
                 reason="SCHEDULER_UNREACHABLE",
                 retry_after_s=5.0,
             ) from error
-        holders = await asyncio.gather(*(self._holder(h) for h in state.holders))
-        return state, list(holders)
+
+    async def _job_tenant(self, job_id: str) -> str:
+        try:
+            return (await self.trainer.get(job_id)).spec.tenant
+        except BatonError:  # a job the trainer no longer knows (or a trainer restarting): shown as someone else's
+            return ""
 
     async def _holder(self, info: lease_pb2.HolderInfo) -> Holder:
-        # The trainer's holder ids are "trainer/<job_id>/<attempt>".
-        job_id = (
-            info.holder_id.removeprefix(_TRAINER_PREFIX).split("/")[0]
-            if info.holder_id.startswith(_TRAINER_PREFIX)
-            else ""
-        )
+        job_id = _job_id(info.holder_id)
         eta_s, tenant = -1.0, ""
         if job_id:
             try:
@@ -152,6 +173,11 @@ class GpuView:
         )
 
 
+def _job_id(holder_id: str) -> str:
+    """The trainer's holder ids are "trainer/<job_id>/<attempt>"; "" for any other holder."""
+    return holder_id.removeprefix(_TRAINER_PREFIX).split("/")[0] if holder_id.startswith(_TRAINER_PREFIX) else ""
+
+
 def chat_eta(holders: list[Holder]) -> tuple[float, list[Holder]]:
     """Under ``queue`` a chat waits for every non-serving holder: the latest of their ETAs (-1 if any is unknown)."""
     blocking = [h for h in holders if h.kind != "serving"]
@@ -176,6 +202,23 @@ def holder_json(holder: Holder, tenant: str) -> dict[str, Any]:
         "yield_requested": holder.yield_requested,
         "eta_s": round(holder.eta_s, 3),
         "description": holder.description if own or not holder.job_id else "",
+    }
+
+
+def interval_json(interval: lease_pb2.HeldInterval, own: bool) -> dict[str, Any]:
+    """One lease of the timeline; a training job's id and description only for its own tenant."""
+    job_id = _job_id(interval.holder_id)
+    visible = own or not job_id
+    return {
+        "kind": _KINDS.get(interval.kind, "unknown"),
+        "holder_id": interval.holder_id if visible else "trainer/…",
+        "job_id": job_id if job_id and own else None,
+        "epoch": interval.epoch,
+        "granted_unix_s": interval.granted_unix_s,
+        "ended_unix_s": interval.ended_unix_s or None,
+        "end": interval.end or None,
+        "vram_bytes": interval.vram_bytes,
+        "description": interval.description if visible else "",
     }
 
 

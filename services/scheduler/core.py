@@ -39,19 +39,21 @@ from services.scheduler.metrics import SchedulerMetrics, kind_label
 from services.scheduler.model import (
     EventType,
     GpuStateView,
+    HeldInterval,
     HolderView,
     LeaseEvent,
     LeaseRef,
     LeaseSpec,
     WaiterView,
 )
-from services.scheduler.store import LeaseStore
+from services.scheduler.store import HISTORY_KEPT_S, LeaseStore
 
 log = logging.getLogger(__name__)
 
 MAX_HOLDER_ID_LENGTH = 200
 # A queued waiter is told its new ETA only when it moved by more than this (seconds), to keep streams quiet.
 _ETA_NOTIFY_STEP_S = 1.0
+DEFAULT_HISTORY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,16 @@ class LeaseScheduler:
             waiters=waiters,
         )
 
+    def history(self, window_s: float) -> tuple[float, list[HeldInterval]]:
+        """(now on the wall clock, the leases held at any time in the last ``window_s`` seconds)."""
+        if not 0 <= window_s <= HISTORY_KEPT_S:
+            raise InvalidArgument(
+                f"window_s must be between 0 and {HISTORY_KEPT_S:g} (a day of history is kept), not {window_s:g}",
+                reason="INVALID_WINDOW",
+            )
+        now = self._clock.wall()
+        return now, self._store.history(now - (window_s or DEFAULT_HISTORY_S))
+
     def close(self) -> None:
         for waiter in self._waiters.values():
             waiter.subscription.close()
@@ -407,7 +419,7 @@ class LeaseScheduler:
         self._remove_holder(holder, EventType.REVOKED, reason, level=logging.WARNING)
 
     def _remove_holder(self, holder: _Holder, how: EventType, reason: str, *, level: int = logging.INFO) -> None:
-        self._store.delete(holder.ref.lease_id)
+        self._store.delete(holder.ref.lease_id, ended_at_unix=self._clock.wall(), end_reason=how.value)
         del self._holders[holder.spec.holder_id]
         now = self._clock.monotonic()
         self._metrics.held_seconds.labels(kind_label(holder.spec.kind)).observe(now - holder.granted_at)

@@ -63,6 +63,20 @@ class StoredLease:
 
 
 @dataclass(frozen=True)
+class HeldInterval:
+    """One lease in the history: granted, and ended (released or revoked) or still held (ended_at_unix None)."""
+
+    holder_id: str
+    kind: LeaseKind
+    epoch: int
+    granted_at_unix: float
+    ended_at_unix: float | None
+    end_reason: str
+    vram_bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
 class HolderView:
     spec: LeaseSpec
     ref: LeaseRef

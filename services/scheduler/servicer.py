@@ -9,7 +9,15 @@ import grpc
 from baton.runtime.errors import InvalidArgument, grpc_errors
 from baton.v1 import lease_pb2, lease_pb2_grpc
 from services.scheduler.core import LeaseScheduler
-from services.scheduler.model import EventType, GpuStateView, LeaseEvent, LeaseKind, LeaseRef, LeaseSpec
+from services.scheduler.model import (
+    EventType,
+    GpuStateView,
+    HeldInterval,
+    LeaseEvent,
+    LeaseKind,
+    LeaseRef,
+    LeaseSpec,
+)
 
 _EVENT_TYPES = {
     EventType.QUEUED: lease_pb2.LeaseEvent.TYPE_QUEUED,
@@ -67,6 +75,13 @@ class GpuLeaseServicer(lease_pb2_grpc.GpuLeaseServicer):
         self, request: lease_pb2.GetGpuStateRequest, context: grpc.aio.ServicerContext
     ) -> lease_pb2.GpuState:
         return _state_to_proto(self._scheduler.state())
+
+    @grpc_errors
+    async def GetGpuHistory(
+        self, request: lease_pb2.GetGpuHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> lease_pb2.GpuHistory:
+        now, intervals = self._scheduler.history(request.window_s)
+        return lease_pb2.GpuHistory(now_unix_s=now, intervals=[_interval_to_proto(i) for i in intervals])
 
 
 def _spec_from_proto(request: lease_pb2.AcquireRequest) -> LeaseSpec:
@@ -147,4 +162,17 @@ def _state_to_proto(state: GpuStateView) -> lease_pb2.GpuState:
             )
             for w in state.waiters
         ],
+    )
+
+
+def _interval_to_proto(interval: HeldInterval) -> lease_pb2.HeldInterval:
+    return lease_pb2.HeldInterval(
+        holder_id=interval.holder_id,
+        kind=int(interval.kind),
+        epoch=interval.epoch,
+        granted_unix_s=interval.granted_at_unix,
+        ended_unix_s=interval.ended_at_unix or 0.0,
+        end=interval.end_reason,
+        vram_bytes=interval.vram_bytes,
+        description=interval.description,
     )

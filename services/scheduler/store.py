@@ -1,4 +1,5 @@
-"""Durable scheduler state in SQLite (WAL): the epoch counter and the leases currently held.
+"""Durable scheduler state in SQLite (WAL): the epoch counter, the leases currently held, and a day of lease
+history (who held the GPU when: the web page's GPU timeline).
 
 The epoch is incremented and the lease row written in one transaction *before* the grant is sent, so after a
 crash the restarted scheduler knows every lease that may still be in use and never reuses an epoch.
@@ -11,9 +12,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from baton.runtime.sqlite import Durability, open_database, transaction
-from services.scheduler.model import LeaseKind, LeaseRef, LeaseSpec, StoredLease
+from services.scheduler.model import HeldInterval, LeaseKind, LeaseRef, LeaseSpec, StoredLease
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # lease_history was added beside the version-1 tables: older files simply gain it
+HISTORY_KEPT_S = 24 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -34,6 +36,18 @@ CREATE TABLE IF NOT EXISTS held_leases (
     description         TEXT NOT NULL,
     granted_at_unix     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS lease_history (
+    epoch           INTEGER PRIMARY KEY,
+    lease_id        TEXT NOT NULL,
+    holder_id       TEXT NOT NULL,
+    kind            INTEGER NOT NULL,
+    vram_bytes      INTEGER NOT NULL,
+    description     TEXT NOT NULL,
+    granted_at_unix REAL NOT NULL,
+    ended_at_unix   REAL,
+    end_reason      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS lease_history_by_lease ON lease_history (lease_id);
 """
 
 
@@ -71,11 +85,45 @@ class LeaseStore:
                     granted_at_unix,
                 ),
             )
+            self._db.execute(
+                "INSERT INTO lease_history (epoch, lease_id, holder_id, kind, vram_bytes, description,"
+                " granted_at_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (epoch, lease_id, spec.holder_id, int(spec.kind), spec.vram_bytes, spec.description, granted_at_unix),
+            )
+            # Pruned here, on the rare write, so the table stays a day long without a timer.
+            self._db.execute("DELETE FROM lease_history WHERE ended_at_unix < ?", (granted_at_unix - HISTORY_KEPT_S,))
         return epoch
 
-    def delete(self, lease_id: str) -> None:
+    def delete(self, lease_id: str, *, ended_at_unix: float, end_reason: str) -> None:
+        """The lease is no longer held; its history row gets its end (released or revoked)."""
         with self._transaction():
             self._db.execute("DELETE FROM held_leases WHERE lease_id = ?", (lease_id,))
+            self._db.execute(
+                "UPDATE lease_history SET ended_at_unix = ?, end_reason = ? WHERE lease_id = ? AND ended_at_unix"
+                " IS NULL",
+                (ended_at_unix, end_reason, lease_id),
+            )
+
+    def history(self, since_unix: float) -> list[HeldInterval]:
+        """Leases held at any time since ``since_unix`` (still held, or ended after it), oldest grant first."""
+        rows = self._db.execute(
+            "SELECT holder_id, kind, epoch, granted_at_unix, ended_at_unix, end_reason, vram_bytes, description"
+            " FROM lease_history WHERE ended_at_unix IS NULL OR ended_at_unix >= ? ORDER BY epoch",
+            (since_unix,),
+        ).fetchall()
+        return [
+            HeldInterval(
+                holder_id=row[0],
+                kind=LeaseKind(row[1]),
+                epoch=row[2],
+                granted_at_unix=row[3],
+                ended_at_unix=row[4],
+                end_reason=row[5],
+                vram_bytes=row[6],
+                description=row[7],
+            )
+            for row in rows
+        ]
 
     def held_leases(self) -> list[StoredLease]:
         rows = self._db.execute(

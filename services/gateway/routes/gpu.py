@@ -1,10 +1,11 @@
-"""GET /v1/gpu: who holds the GPU lease, who waits, their ETAs, and what a chat would do now (the busy policy)."""
+"""GET /v1/gpu: who holds the GPU lease, who waits, their ETAs, and what a chat would do now (the busy policy);
+GET /v1/gpu/history: who held it over the last hour (the web page's GPU timeline)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from services.gateway.gpu import chat_eta, holder_json, waiter_json
 from services.gateway.routes.deps import gateway_state
@@ -35,3 +36,12 @@ async def gpu(
             "chat_eta_s": 0.0 if view.policy == "preempt" else round(eta_s, 3),
         },
     }
+
+
+@router.get("/v1/gpu/history", summary="Who held the GPU lately (the GPU timeline): every lease in the window")
+async def gpu_history(
+    tenant: Annotated[str, Depends(current_tenant)],
+    state: Annotated[GatewayState, Depends(gateway_state)],
+    window_s: Annotated[float, Query(ge=1, le=86400, description="How far back, in seconds (at most a day).")] = 3600,
+) -> dict[str, Any]:
+    return await state.gpu.history(tenant, window_s)
