@@ -23,6 +23,7 @@ from services.gateway.routes import (
     search,
     training,
     users,
+    web,
 )
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import GatewayState
@@ -58,6 +59,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     for module in (chat, models):  # OpenAI's error shape, documented per route
         app.include_router(module.router)
     app.mount("/metrics", make_asgi_app())
+    web.install(app)  # the web page at /, its assets under /web
 
     @app.get("/health", tags=["health"], summary="Ready when the catalog, the store and the embedder answer")
     async def health() -> dict[str, Any]:
