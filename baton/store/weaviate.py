@@ -34,6 +34,9 @@ repeat while writes commit. A writer killed mid-write (or a server killed under 
 state: still hidden correctly, and cleaned up by the next write to that tenant from any process (``recover``).
 One writing process per collection (the gateway), as the embedded store's directory lock enforces for it; writes
 within a process are serialised.
+
+The server side — config, connection (with short retries), the collections' schema, tenant names, how its errors
+read — is ``baton.store.weaviate_client``; the visibility state and the filters are ``baton.store.weaviate_visibility``.
 """
 
 from __future__ import annotations
@@ -46,15 +49,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
-from urllib.parse import urlparse
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
-import weaviate
 import weaviate.classes as wvc
-import weaviate.connect.v4 as weaviate_connection
 from weaviate.collections import Collection
 from weaviate.collections.classes.filters import _Filters
 from weaviate.exceptions import (
@@ -67,118 +65,52 @@ from weaviate.exceptions import (
 
 from baton.runtime.errors import BatonError, InvalidArgument, Unavailable, UpstreamFailed
 from baton.store.analysis import detect_language, index_text, query_terms
-from baton.store.base import ChunkRecord, Filters, Hit, MetadataValue, SearchMode, StoreQuery
+from baton.store.base import ChunkRecord, Filters, Hit, SearchMode, StoreQuery
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
-from baton.store.validation import (
-    check_chunks,
-    check_dimensions,
-    check_name,
-    check_query,
-    checked_filter_key,
-    metadata_json,
-    unit_vector,
+from baton.store.validation import check_chunks, check_dimensions, check_name, check_query, metadata_json, unit_vector
+from baton.store.weaviate_client import (
+    CHUNKS_DESCRIPTION,
+    MODEL_MARK,
+    NAMESPACE,
+    WeaviateConfig,
+    about_vector_size,
+    connect,
+    create_chunk_collection,
+    create_state_collection,
+    first_line,
+    insert_error,
+    looks_unreachable,
+    state_collection,
+    unavailable,
+    weaviate_tenant_name,
+)
+from baton.store.weaviate_visibility import (
+    Candidate,
+    State,
+    View,
+    all_of,
+    filter_token,
+    of_document,
+    of_documents,
+    of_generation,
+    other_generation,
+    read_state,
+    user_filter,
+    visibility,
+    visible_generation,
+    write_state,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_NAMESPACE = uuid.UUID("6f1c1a52-0b7e-4d5e-9a39-5bb5f0a4c1d3")
-_STATE_ID = uuid.uuid5(_NAMESPACE, "tenant-state")
 _CHUNK_PROPERTIES = ["chunk_id", "document_id", "generation", "text", "metadata"]
 _INSERT_BATCH = 500
 _DELETE_PAGE = 10_000
 # How often a read repeats when writers keep changing the state under it, and the pause between tries.
 _READ_ATTEMPTS = 200
 _READ_BACKOFF_S = 0.002
-# Weaviate tenant names: letters, digits, '-' and '_', 1–64 characters. Others are hashed (with this prefix,
-# which a literal name is never allowed to start with, so the two forms cannot collide).
-_HASHED_TENANT_PREFIX = "h--"
-
-
-# weaviate-client repeats a gRPC call the server refused (UNAVAILABLE) five times, sleeping 1+2+4+8+16+32 s in
-# between: with the server down, every search waited 63 s for its 503, and a folder ingest 63 s per document (writes
-# are serialised) — hours for a folder. The pauses are hard-coded (weaviate/connect/v4.py, ``_Retry(4)``), so the
-# store replaces them with short ones: a blip of the connection is still ridden out, a dead server is a 503 in ~3 s.
-_RETRY_PAUSES_S = (0.2, 0.4, 0.8, 1.6)
-
-
-class _ShortRetry(weaviate_connection._Retry):
-    def with_exponential_backoff(self, count: int, error: str, f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        for pause in _RETRY_PAUSES_S:
-            try:
-                return f(*args, **kwargs)
-            except grpc.RpcError as rpc_error:
-                if cast(grpc.Call, rpc_error).code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            time.sleep(pause)
-        return f(*args, **kwargs)  # the last try: its error reaches the client's own handling, then ``_errors``
-
-
-weaviate_connection._Retry = _ShortRetry  # type: ignore[misc]
-
-
-@dataclass(frozen=True)
-class WeaviateConfig:
-    """Where the server is and which collection holds the chunks (``<collection>State`` is created beside it)."""
-
-    url: str = "http://127.0.0.1:8080"
-    grpc_port: int = 50051
-    api_key: str | None = None
-    collection: str = "BatonChunks"
-    timeout_s: float = 60.0
-    # Weaviate's QUERY_MAXIMUM_RESULTS (default 10,000): the largest k and page this store asks for.
-    max_results: int = 10_000
-    hnsw_ef: int = 128
-    hnsw_ef_construction: int = 200
-    hnsw_max_connections: int = 32
-
-
-@dataclass
-class _State:
-    """A tenant's visibility state: ``token`` changes on every write; ``in_flight`` maps a document being written
-    to the one generation searches may see (None: none of its chunks)."""
-
-    token: str = ""
-    in_flight: dict[str, str | None] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    chunk_id: str
-    document_id: str
-    generation: str
-    text: str
-    metadata: dict[str, MetadataValue]
-    vector: np.ndarray | None
-
-
-class _View:
-    """What one read may see: the user's filters within the tenant's visible generations. ``where`` is the Weaviate
-    filter; ``admits`` checks a returned object against the same rules."""
-
-    def __init__(self, state: _State, filters: Filters) -> None:
-        self.state = state
-        self.filters = filters
-        user = _user_filter(filters)
-        assert user is not False, "a filter that matches nothing is answered before any search"
-        self.where = _and(user, _visibility(state))
-
-    def admits(self, candidate: _Candidate) -> bool:
-        in_flight = self.state.in_flight
-        if candidate.document_id in in_flight and in_flight[candidate.document_id] != candidate.generation:
-            return False
-        return all(_matches(candidate, key, wanted) for key, wanted in self.filters.items())
-
-
-def _matches(candidate: _Candidate, key: str, wanted: MetadataValue | Sequence[MetadataValue]) -> bool:
-    values = [wanted] if isinstance(wanted, str | bytes | int | float | bool) else list(wanted)
-    if key in ("document_id", "chunk_id"):
-        own = getattr(candidate, key)
-        return any(own == (str(int(value)) if isinstance(value, bool) else str(value)) for value in values)
-    if key not in candidate.metadata:
-        return False
-    return filter_token(key, candidate.metadata[key]) in {filter_token(key, value) for value in values}
 
 
 class WeaviateStore:
@@ -186,7 +118,7 @@ class WeaviateStore:
 
     def __init__(self, config: WeaviateConfig) -> None:
         self.config = config
-        self._client = _connect(config)
+        self._client = connect(config)
         self._writer = threading.Lock()
         self._known_tenants: set[str] = set()
         self._recovered: set[str] = set()
@@ -223,24 +155,24 @@ class WeaviateStore:
             self._check_open()
             name = self._tenant_for_write(tenant)
             chunks_of, states_of = self._chunks.with_tenant(name), self._states.with_tenant(name)
-            state = _read_state(states_of)
+            state = read_state(states_of)
             documents = list(prepared)
             self._refuse_foreign_chunk_ids(chunks_of, state, documents, chunk_ids)
             generation = secrets.token_hex(8)
             state.in_flight.update(self._visible_generations(chunks_of, documents))
-            _write_state(states_of, state)
+            write_state(states_of, state)
             try:
                 _insert(chunks_of, generation, prepared)
             except BaseException:
                 self._abandon(chunks_of, states_of, state, documents, generation)
                 raise
             state.in_flight.update(dict.fromkeys(documents, generation))  # the commit point: one object write
-            _write_state(states_of, state)
+            write_state(states_of, state)
             for part in _batches(documents, 1000):
-                _delete_where(chunks_of, _of_documents(part) & _other_generation(generation))
+                _delete_where(chunks_of, of_documents(part) & other_generation(generation))
             for document_id in documents:
                 del state.in_flight[document_id]
-            _write_state(states_of, state)
+            write_state(states_of, state)
 
     def delete_document(self, tenant: str, document_id: str) -> int:
         check_name("tenant", tenant)
@@ -252,15 +184,15 @@ class WeaviateStore:
                 return 0
             chunks_of, states_of = self._chunks.with_tenant(name), self._states.with_tenant(name)
             self._recover_once(name, chunks_of, states_of)
-            state = _read_state(states_of)
-            removed = _count(chunks_of, _of_document(document_id))
+            state = read_state(states_of)
+            removed = _count(chunks_of, of_document(document_id))
             if removed == 0:
                 return 0
             state.in_flight[document_id] = None  # hidden at once, then deleted
-            _write_state(states_of, state)
-            _delete_where(chunks_of, _of_document(document_id))
+            write_state(states_of, state)
+            _delete_where(chunks_of, of_document(document_id))
             del state.in_flight[document_id]
-            _write_state(states_of, state)
+            write_state(states_of, state)
         return removed
 
     def search(self, query: StoreQuery) -> list[Hit]:
@@ -271,14 +203,14 @@ class WeaviateStore:
             name = self._existing_tenant(query.tenant)
             if name is None:
                 return []
-            user_filter = _user_filter(query.filters)
-            if user_filter is False:
+            wanted = user_filter(query.filters)
+            if wanted is False:
                 return []
             chunks_of = self._chunks.with_tenant(name)
             return self._consistent_read(name, lambda state: self._search(chunks_of, query, vector, state))
 
     def count(self, tenant: str | None = None, filters: Filters | None = None) -> int:
-        user_filter = _user_filter(filters or {})
+        wanted = user_filter(filters or {})
         with self._errors("count"):
             self._check_open()
             if tenant is None:
@@ -286,13 +218,13 @@ class WeaviateStore:
             else:
                 name = self._existing_tenant(tenant)
                 names = [] if name is None else [name]
-            if user_filter is False:
+            if wanted is False:
                 return 0
-            return sum(self._count_visible(name, user_filter) for name in names)
+            return sum(self._count_visible(name, wanted) for name in names)
 
-    def _count_visible(self, name: str, user_filter: _Filters | None) -> int:
+    def _count_visible(self, name: str, wanted: _Filters | None) -> int:
         chunks_of = self._chunks.with_tenant(name)
-        return self._consistent_read(name, lambda state: _count(chunks_of, _and(user_filter, _visibility(state))))
+        return self._consistent_read(name, lambda state: _count(chunks_of, all_of(wanted, visibility(state))))
 
     def document_ids(self, tenant: str) -> set[str]:
         with self._errors("list documents"):
@@ -301,7 +233,7 @@ class WeaviateStore:
             if name is None:
                 return set()
             chunks_of = self._chunks.with_tenant(name)
-            return self._consistent_read(name, lambda state: _document_ids(chunks_of, _visibility(state)))
+            return self._consistent_read(name, lambda state: _document_ids(chunks_of, visibility(state)))
 
     def health(self) -> bool:
         if self._closed:
@@ -324,11 +256,11 @@ class WeaviateStore:
         """Recorded in the chunk collection's description (collection-level metadata that Weaviate keeps)."""
         with self._errors("read the collection's embedding model"):
             description = self._chunks.config.get().description or ""
-        return description.partition(_MODEL_MARK)[2] or None
+        return description.partition(MODEL_MARK)[2] or None
 
     def set_embedding_model(self, identity: str) -> None:
         with self._writer, self._errors("record the collection's embedding model"):
-            self._chunks.config.update(description=f"{_CHUNKS_DESCRIPTION}{_MODEL_MARK}{identity}")
+            self._chunks.config.update(description=f"{CHUNKS_DESCRIPTION}{MODEL_MARK}{identity}")
 
     def sample_chunks(self, limit: int) -> list[tuple[str, np.ndarray]]:
         sample: list[tuple[str, np.ndarray]] = []
@@ -361,7 +293,7 @@ class WeaviateStore:
     def drop_collections(self) -> None:
         """Delete both collections and everything in them (tests, and ``baton store migrate --fresh``)."""
         with self._writer, self._errors("drop the collections"):
-            for name in (self.config.collection, _state_collection(self.config.collection)):
+            for name in (self.config.collection, state_collection(self.config.collection)):
                 self._client.collections.delete(name)
             self._known_tenants.clear()
             self._recovered.clear()
@@ -382,20 +314,20 @@ class WeaviateStore:
     def _recover_once(self, name: str, chunks_of: Collection, states_of: Collection) -> int:
         if name in self._recovered:
             return 0
-        state = _read_state(states_of)
+        state = read_state(states_of)
         interrupted = list(state.in_flight.items())
         for document_id, visible in interrupted:
             log.warning("tenant %s: cleaning up an interrupted write of document %r", name, document_id)
-            where = _of_document(document_id)
-            _delete_where(chunks_of, where if visible is None else where & _other_generation(visible))
+            where = of_document(document_id)
+            _delete_where(chunks_of, where if visible is None else where & other_generation(visible))
             del state.in_flight[document_id]
         if interrupted:
-            _write_state(states_of, state)
+            write_state(states_of, state)
         self._recovered.add(name)
         return len(interrupted)
 
     def _refuse_foreign_chunk_ids(
-        self, chunks_of: Collection, state: _State, documents: list[str], chunk_ids: list[str]
+        self, chunks_of: Collection, state: State, documents: list[str], chunk_ids: list[str]
     ) -> None:
         """A chunk id is unique within a tenant: refuse ids another (visible) document owns, as the embedded store's
         UNIQUE constraint does."""
@@ -404,7 +336,7 @@ class WeaviateStore:
                 "document_id"
             ).contains_none(documents)
             found = chunks_of.query.fetch_objects(
-                filters=_and(where, _visibility(state)), limit=1, return_properties=["chunk_id", "document_id"]
+                filters=all_of(where, visibility(state)), limit=1, return_properties=["chunk_id", "document_id"]
             )
             if found.objects:
                 owner = found.objects[0].properties
@@ -415,15 +347,15 @@ class WeaviateStore:
                 )
 
     def _abandon(
-        self, chunks_of: Collection, states_of: Collection, state: _State, documents: list[str], generation: str
+        self, chunks_of: Collection, states_of: Collection, state: State, documents: list[str], generation: str
     ) -> None:
         """Undo a failed write: delete the new generation, take the documents out of the state. If the server is
         gone this fails too; the state keeps the half-written generation hidden until ``recover``."""
         try:
-            _delete_where(chunks_of, _generation(generation))
+            _delete_where(chunks_of, of_generation(generation))
             for document_id in documents:
                 del state.in_flight[document_id]
-            _write_state(states_of, state)
+            write_state(states_of, state)
         except WeaviateBaseError as error:
             log.warning("could not undo a failed write (%s); the next write to the tenant cleans it up", error)
 
@@ -432,7 +364,7 @@ class WeaviateStore:
         visible: dict[str, str | None] = dict.fromkeys(documents)
         for part in _batches(documents, 1000):
             found = chunks_of.query.fetch_objects(
-                filters=_of_documents(part),
+                filters=of_documents(part),
                 limit=self.config.max_results,
                 return_properties=["document_id", "generation"],
             )
@@ -440,18 +372,18 @@ class WeaviateStore:
                 visible[str(obj.properties["document_id"])] = str(obj.properties["generation"])
             if len(found.objects) >= self.config.max_results:  # more chunks than one page: ask per document
                 for document_id in part:
-                    visible[document_id] = _visible_generation(chunks_of, document_id)
+                    visible[document_id] = visible_generation(chunks_of, document_id)
         return visible
 
     # --- reading -------------------------------------------------------------------------------------------------
 
-    def _consistent_read(self, name: str, read: Callable[[_State], T]) -> T:
+    def _consistent_read(self, name: str, read: Callable[[State], T]) -> T:
         """Run ``read`` against the tenant's visibility state until no state write happened during it (a seqlock)."""
         states_of = self._states.with_tenant(name)
         for _ in range(_READ_ATTEMPTS):
-            before = _read_state(states_of)
+            before = read_state(states_of)
             result = read(before)
-            if _read_state(states_of).token == before.token:
+            if read_state(states_of).token == before.token:
                 return result
             time.sleep(_READ_BACKOFF_S)
         raise Unavailable(
@@ -460,8 +392,8 @@ class WeaviateStore:
             retry_after_s=1.0,
         )
 
-    def _search(self, chunks_of: Collection, query: StoreQuery, vector: np.ndarray | None, state: _State) -> list[Hit]:
-        view = _View(state, query.filters)
+    def _search(self, chunks_of: Collection, query: StoreQuery, vector: np.ndarray | None, state: State) -> list[Hit]:
+        view = View(state, query.filters)
         k = min(query.k, self.config.max_results)
         if query.mode is SearchMode.VECTOR:
             assert vector is not None
@@ -473,7 +405,7 @@ class WeaviateStore:
         assert vector is not None
         return self._hybrid(chunks_of, query, vector, k, view)
 
-    def _hybrid(self, chunks_of: Collection, query: StoreQuery, vector: np.ndarray, k: int, view: _View) -> list[Hit]:
+    def _hybrid(self, chunks_of: Collection, query: StoreQuery, vector: np.ndarray, k: int, view: View) -> list[Hit]:
         """The embedded store's hybrid, step for step (see ``EmbeddedStore._hybrid`` and fusion.py)."""
         depth = min(max(k, HYBRID_CANDIDATE_DEPTH), self.config.max_results)
         bm25, found = self._bm25_top(chunks_of, query.text, depth, view, with_vectors=True)
@@ -497,8 +429,8 @@ class WeaviateStore:
         return [_hit(found[key], score, vectors.get(key), bm25.get(key)) for key, score in fused]
 
     def _vector_top(
-        self, chunks_of: Collection, vector: np.ndarray, limit: int, view: _View
-    ) -> tuple[dict[str, float], dict[str, _Candidate]]:
+        self, chunks_of: Collection, vector: np.ndarray, limit: int, view: View
+    ) -> tuple[dict[str, float], dict[str, Candidate]]:
         def run(fetch: int) -> Sequence[Any]:
             return chunks_of.query.near_vector(
                 near_vector=vector.tolist(),
@@ -512,8 +444,8 @@ class WeaviateStore:
         return self._top(run, limit, view, lambda obj: 1.0 - float(obj.metadata.distance or 0.0), with_vectors=False)
 
     def _bm25_top(
-        self, chunks_of: Collection, text: str, limit: int, view: _View, *, with_vectors: bool
-    ) -> tuple[dict[str, float], dict[str, _Candidate]]:
+        self, chunks_of: Collection, text: str, limit: int, view: View, *, with_vectors: bool
+    ) -> tuple[dict[str, float], dict[str, Candidate]]:
         terms = query_terms(text)
         if not terms:
             return {}, {}
@@ -535,11 +467,11 @@ class WeaviateStore:
         self,
         run: Callable[[int], Sequence[Any]],
         limit: int,
-        view: _View,
+        view: View,
         score_of: Callable[[Any], float],
         *,
         with_vectors: bool,
-    ) -> tuple[dict[str, float], dict[str, _Candidate]]:
+    ) -> tuple[dict[str, float], dict[str, Candidate]]:
         """The best ``limit`` objects the view admits, best first. Weaviate applies the filter, but not as of one
         instant: an object written during a filtered search (BM25 especially) can slip through. So every object is
         checked here too, and when some were dropped the search runs again deeper, until ``limit`` are left or the
@@ -548,7 +480,7 @@ class WeaviateStore:
         while True:
             objects = run(fetch)
             scores: dict[str, float] = {}
-            found: dict[str, _Candidate] = {}
+            found: dict[str, Candidate] = {}
             for obj in objects:
                 stored = obj.vector.get("default") if with_vectors else None
                 candidate = _candidate(obj.properties, None if stored is None else np.asarray(stored, np.float32))
@@ -564,10 +496,10 @@ class WeaviateStore:
     def _ensure_collections(self) -> tuple[Collection, Collection]:
         name = self.config.collection
         if not self._client.collections.exists(name):
-            _create_chunk_collection(self._client, self.config)
-        state_name = _state_collection(name)
+            create_chunk_collection(self._client, self.config)
+        state_name = state_collection(name)
         if not self._client.collections.exists(state_name):
-            _create_state_collection(self._client, state_name)
+            create_state_collection(self._client, state_name)
         return self._client.collections.use(name), self._client.collections.use(state_name)
 
     def _existing_tenant(self, tenant: str) -> str | None:
@@ -589,7 +521,7 @@ class WeaviateStore:
         """Weaviate's exceptions as baton errors: a server that does not answer is 503 with what to do."""
         if self._unreachable and not self._closed:
             if not self.health():
-                raise _unavailable(self.config, action, ConnectionError("its readiness probe fails"))
+                raise unavailable(self.config, action, ConnectionError("its readiness probe fails"))
             self._unreachable = False
         try:
             yield
@@ -597,245 +529,22 @@ class WeaviateStore:
             raise
         except (WeaviateConnectionError, WeaviateGRPCUnavailableError, WeaviateTimeoutError) as error:
             self._unreachable = True
-            raise _unavailable(self.config, action, error) from error
+            raise unavailable(self.config, action, error) from error
         except WeaviateClosedClientError as error:
             raise Unavailable(f"the Weaviate store ({self.config.url}) is closed", reason="STORE_CLOSED") from error
         except WeaviateBaseError as error:
             message = str(error)
-            if _looks_unreachable(message):
+            if looks_unreachable(message):
                 self._unreachable = True
-                raise _unavailable(self.config, action, error) from error
-            if _about_vector_size(message):
+                raise unavailable(self.config, action, error) from error
+            if about_vector_size(message):
                 raise InvalidArgument(
-                    f"the vector's size does not match the vectors stored in Weaviate: {_first_line(message)}",
+                    f"the vector's size does not match the vectors stored in Weaviate: {first_line(message)}",
                     reason="DIMENSION_MISMATCH",
                 ) from error
             raise UpstreamFailed(
-                f"Weaviate failed to {action}: {_first_line(message)}", reason="STORE_BACKEND_FAILED"
+                f"Weaviate failed to {action}: {first_line(message)}", reason="STORE_BACKEND_FAILED"
             ) from error
-
-
-# --- helpers: names, schema, connection -----------------------------------------------------------------------------
-
-
-def weaviate_tenant_name(tenant: str) -> str:
-    """The Weaviate tenant for a baton tenant: the name itself when Weaviate allows it, else a stable hash."""
-    allowed = 0 < len(tenant) <= 64 and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in tenant)
-    if allowed and not tenant.startswith(_HASHED_TENANT_PREFIX):
-        return tenant
-    return _HASHED_TENANT_PREFIX + uuid.uuid5(_NAMESPACE, tenant).hex
-
-
-def _state_collection(collection: str) -> str:
-    return f"{collection}State"
-
-
-def _connect(config: WeaviateConfig) -> weaviate.WeaviateClient:
-    parsed = urlparse(config.url)
-    if parsed.scheme not in {"http", "https"} or not parsed.hostname:
-        raise InvalidArgument(f"the Weaviate URL {config.url!r} must look like http://host:port", reason="BAD_URL")
-    secure = parsed.scheme == "https"
-    timeout = int(config.timeout_s)
-    try:
-        return weaviate.connect_to_custom(
-            http_host=parsed.hostname,
-            http_port=parsed.port or (443 if secure else 80),
-            http_secure=secure,
-            grpc_host=parsed.hostname,
-            grpc_port=config.grpc_port,
-            grpc_secure=secure,
-            auth_credentials=wvc.init.Auth.api_key(config.api_key) if config.api_key else None,
-            additional_config=wvc.init.AdditionalConfig(
-                timeout=wvc.init.Timeout(init=min(timeout, 30), query=timeout, insert=timeout)
-            ),
-        )
-    except WeaviateBaseError as error:
-        raise _unavailable(config, "connect", error) from error
-
-
-_CHUNKS_DESCRIPTION = "baton chunks (baton.store.weaviate)"
-_MODEL_MARK = "; embedding model: "
-
-
-def _create_chunk_collection(client: weaviate.WeaviateClient, config: WeaviateConfig) -> None:
-    text, array = wvc.config.DataType.TEXT, wvc.config.DataType.TEXT_ARRAY
-    field_token = wvc.config.Tokenization.FIELD
-
-    def keyword(name: str) -> wvc.config.Property:
-        return wvc.config.Property(
-            name=name, data_type=text, tokenization=field_token, index_filterable=True, index_searchable=False
-        )
-
-    client.collections.create(
-        config.collection,
-        description=_CHUNKS_DESCRIPTION,
-        properties=[
-            keyword("chunk_id"),
-            keyword("document_id"),
-            keyword("generation"),
-            wvc.config.Property(name="text", data_type=text, index_filterable=False, index_searchable=False),
-            wvc.config.Property(
-                name="terms",
-                data_type=text,
-                tokenization=wvc.config.Tokenization.WHITESPACE,
-                index_filterable=False,
-                index_searchable=True,
-            ),
-            wvc.config.Property(name="metadata", data_type=text, index_filterable=False, index_searchable=False),
-            wvc.config.Property(
-                name="filters",
-                data_type=array,
-                tokenization=field_token,
-                index_filterable=True,
-                index_searchable=False,
-            ),
-        ],
-        vector_config=wvc.config.Configure.Vectors.self_provided(
-            vector_index_config=wvc.config.Configure.VectorIndex.hnsw(
-                distance_metric=wvc.config.VectorDistances.COSINE,
-                ef=config.hnsw_ef,
-                ef_construction=config.hnsw_ef_construction,
-                max_connections=config.hnsw_max_connections,
-            )
-        ),
-        inverted_index_config=wvc.config.Configure.inverted_index(
-            bm25_k1=1.2, bm25_b=0.75, stopwords_preset=wvc.config.StopwordsPreset.NONE
-        ),
-        multi_tenancy_config=wvc.config.Configure.multi_tenancy(enabled=True),
-    )
-
-
-def _create_state_collection(client: weaviate.WeaviateClient, name: str) -> None:
-    client.collections.create(
-        name,
-        description="baton: per-tenant visibility state of the chunk collection (baton.store.weaviate)",
-        properties=[
-            wvc.config.Property(
-                name="state", data_type=wvc.config.DataType.TEXT, index_filterable=False, index_searchable=False
-            )
-        ],
-        vector_config=wvc.config.Configure.Vectors.self_provided(),
-        multi_tenancy_config=wvc.config.Configure.multi_tenancy(enabled=True),
-    )
-
-
-def _unavailable(config: WeaviateConfig, action: str, error: BaseException) -> Unavailable:
-    return Unavailable(
-        f"the Weaviate server at {config.url} (gRPC port {config.grpc_port}) did not answer while trying to {action} "
-        f"({_first_line(str(error))}). Check that it is running and reachable; nothing half-written is visible, "
-        "and repeating the request after it is back completes it without duplicates.",
-        reason="STORE_UNAVAILABLE",
-        retry_after_s=5.0,
-    )
-
-
-def _looks_unreachable(message: str) -> bool:
-    lowered = message.lower()
-    return any(
-        cue in lowered
-        for cue in ("connection refused", "unavailable", "failed to connect", "connect error", "deadline exceeded")
-    )
-
-
-def _about_vector_size(message: str) -> bool:
-    lowered = message.lower()
-    return "vector" in lowered and ("length" in lowered or "dimension" in lowered)
-
-
-def _first_line(message: str) -> str:
-    line = message.strip().splitlines()[0] if message.strip() else "no message"
-    return line[:400]
-
-
-# --- helpers: state -------------------------------------------------------------------------------------------------
-
-
-def _read_state(states_of: Collection) -> _State:
-    obj = states_of.query.fetch_object_by_id(_STATE_ID, return_properties=["state"])
-    if obj is None:
-        return _State()
-    raw = json.loads(str(obj.properties["state"]))
-    return _State(token=str(raw["token"]), in_flight=dict(raw["in_flight"]))
-
-
-def _write_state(states_of: Collection, state: _State) -> None:
-    """Write the state object with a fresh token (a batch write upserts: one call whether it exists or not)."""
-    state.token = secrets.token_hex(8)
-    payload = json.dumps({"token": state.token, "in_flight": state.in_flight}, ensure_ascii=False)
-    result = states_of.data.insert_many([wvc.data.DataObject(properties={"state": payload}, uuid=_STATE_ID)])
-    if result.errors:
-        raise UpstreamFailed(
-            f"Weaviate refused the store's state write: {result.errors[0].message}", reason="STORE_WRITE_FAILED"
-        )
-
-
-def _visibility(state: _State) -> _Filters | None:
-    """What searches must not see: per in-flight document, every chunk but those of its visible generation."""
-    parts: list[_Filters] = []
-    for document_id, visible in state.in_flight.items():
-        other_document = wvc.query.Filter.by_property("document_id").not_equal(document_id)
-        parts.append(other_document if visible is None else other_document | _generation(visible))
-    return _and(*parts)
-
-
-def _visible_generation(chunks_of: Collection, document_id: str) -> str | None:
-    """The generation of a document's chunks when no write of it is in flight (then they all share one)."""
-    found = chunks_of.query.fetch_objects(filters=_of_document(document_id), limit=1, return_properties=["generation"])
-    return str(found.objects[0].properties["generation"]) if found.objects else None
-
-
-# --- helpers: filters -----------------------------------------------------------------------------------------------
-
-
-def _of_document(document_id: str) -> _Filters:
-    return wvc.query.Filter.by_property("document_id").equal(document_id)
-
-
-def _of_documents(documents: Sequence[str]) -> _Filters:
-    return wvc.query.Filter.by_property("document_id").contains_any(list(documents))
-
-
-def _generation(generation: str) -> _Filters:
-    return wvc.query.Filter.by_property("generation").equal(generation)
-
-
-def _other_generation(generation: str) -> _Filters:
-    return wvc.query.Filter.by_property("generation").not_equal(generation)
-
-
-def _and(*parts: _Filters | None) -> _Filters | None:
-    present = [part for part in parts if part is not None]
-    if not present:
-        return None
-    return present[0] if len(present) == 1 else wvc.query.Filter.all_of(present)
-
-
-def filter_token(key: str, value: MetadataValue) -> str:
-    """The ``filters`` token of one metadata value. Numbers and booleans compare as numbers (True == 1 == 1.0), as
-    SQLite's json_extract does in the embedded store; strings compare exactly."""
-    if isinstance(value, str):
-        return f"{key}=s:{value}"
-    number = float(value)
-    return f"{key}=n:{int(number)}" if number.is_integer() else f"{key}=n:{number!r}"
-
-
-def _user_filter(filters: Filters) -> _Filters | bool | None:
-    """The Weaviate filter of equality / any-of filters; None for no filter, False for one that matches nothing."""
-    parts: list[_Filters] = []
-    for key, wanted in filters.items():
-        values = [wanted] if isinstance(wanted, str | bytes | int | float | bool) else list(wanted)
-        if not values:
-            return False
-        for value in values:
-            if not isinstance(value, str | int | float | bool):
-                raise InvalidArgument(f"filter {key!r}: {value!r} is not a string, number or boolean")
-        if key in ("document_id", "chunk_id"):
-            texts = [str(int(value)) if isinstance(value, bool) else str(value) for value in values]
-            parts.append(wvc.query.Filter.by_property(key).contains_any(texts))
-        else:
-            tokens = [filter_token(checked_filter_key(key), value) for value in values]
-            parts.append(wvc.query.Filter.by_property("filters").contains_any(tokens))
-    return _and(*parts)
 
 
 # --- helpers: writing and reading -----------------------------------------------------------------------------------
@@ -876,29 +585,14 @@ def _insert(chunks_of: Collection, generation: str, prepared: dict[str, list[dic
                     "filters": chunk["filters"],
                 },
                 vector=chunk["vector"].tolist(),
-                uuid=uuid.uuid5(_NAMESPACE, f"{generation}\x00{chunk['chunk_id']}"),
+                uuid=uuid.uuid5(NAMESPACE, f"{generation}\x00{chunk['chunk_id']}"),
             )
             for chunk in part
         ]
         result = chunks_of.data.insert_many(objects)
         if result.errors:
             index, error = min(result.errors.items())
-            raise _insert_error(part[index]["chunk_id"], error.message, len(result.errors))
-
-
-def _insert_error(chunk_id: str, message: str, failed: int) -> BatonError:
-    if _about_vector_size(message):
-        return InvalidArgument(
-            f"chunk {chunk_id!r}: its vector's size does not match the vectors stored in Weaviate ({message})",
-            reason="DIMENSION_MISMATCH",
-        )
-    if _looks_unreachable(message):
-        return Unavailable(f"Weaviate could not store chunk {chunk_id!r}: {message}", reason="STORE_UNAVAILABLE")
-    return UpstreamFailed(
-        f"Weaviate refused {failed} chunk(s) of the document, first {chunk_id!r}: {message}; nothing of this write "
-        "is visible",
-        reason="STORE_WRITE_FAILED",
-    )
+            raise insert_error(part[index]["chunk_id"], error.message, len(result.errors))
 
 
 def _delete_where(chunks_of: Collection, where: _Filters) -> None:
@@ -933,8 +627,8 @@ def _query_vector(query: StoreQuery) -> np.ndarray | None:
     return unit_vector(query.vector, "the query vector")
 
 
-def _candidate(properties: Mapping[str, Any], vector: np.ndarray | None) -> _Candidate:
-    return _Candidate(
+def _candidate(properties: Mapping[str, Any], vector: np.ndarray | None) -> Candidate:
+    return Candidate(
         chunk_id=str(properties["chunk_id"]),
         document_id=str(properties["document_id"]),
         generation=str(properties["generation"]),
@@ -944,14 +638,14 @@ def _candidate(properties: Mapping[str, Any], vector: np.ndarray | None) -> _Can
     )
 
 
-def _cosines(keys: Sequence[str], found: Mapping[str, _Candidate], vector: np.ndarray) -> dict[str, float]:
+def _cosines(keys: Sequence[str], found: Mapping[str, Candidate], vector: np.ndarray) -> dict[str, float]:
     """Exact cosines of candidates whose stored (unit) vectors came back with them."""
     return {
         key: float(np.dot(found[key].vector, vector)) for key in keys if key in found and found[key].vector is not None
     }
 
 
-def _hit(candidate: _Candidate, score: float, vector_score: float | None, bm25_score: float | None) -> Hit:
+def _hit(candidate: Candidate, score: float, vector_score: float | None, bm25_score: float | None) -> Hit:
     return Hit(
         candidate.chunk_id, candidate.document_id, candidate.text, candidate.metadata, score, vector_score, bm25_score
     )

@@ -1,5 +1,5 @@
-"""baton.store.weaviate shortens weaviate-client's hard-coded gRPC retries (1+2+4+8+16+32 s per call against a dead
-server) by replacing a private class of the pinned client. If a client upgrade renames or reshapes it, this fails
+"""baton.store.weaviate_client shortens weaviate-client's hard-coded gRPC retries (1+2+4+8+16+32 s per call against a
+dead server) by replacing a private class of the pinned client. If a client upgrade renames or reshapes it, this fails
 first, before a dead server makes every ingest wait a minute per document again."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import grpc
 import pytest
 import weaviate.connect.v4 as connection
 
-from baton.store import weaviate as store
+from baton.store import weaviate_client as store
 
 
 class _Refused(grpc.RpcError, grpc.Call):
