@@ -22,88 +22,56 @@ atomic multi-table writes and SQL filters for free; FTS5 gives BM25 over pre-ste
 efConstruction 200, efSearch 128) answers a vector query in p50 0.7 ms / p99 1.4 ms at recall@10 0.997 against
 exact search (p50 309 ms), where LanceDB's IVF_HNSW_SQ measured p99 11–16 ms at recall 0.84 (../shared/FACTS.md).
 The cost is BM25 at that size: p50 28 ms, p99 0.54 s (FTS5 scores every row holding a query term).
+
+This module is the store itself: its locks and transactions, keeping the loaded index in step with each COMMIT, and
+search. The SQLite tables and row statements are ``baton.store.embedded_sql``; restoring a tenant's index from its
+snapshot and SQLite is ``baton.store.embedded_snapshots``; the two locks are ``baton.store.locks``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
-import re
-import secrets
-import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
 from baton.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from baton.store import fts_bm25
 from baton.store.analysis import detect_language, index_text, query_terms
-from baton.store.base import ChunkRecord, Filters, Hit, MetadataValue, SearchMode, StoreQuery
-from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
-from baton.store.validation import (
-    check_chunks,
-    check_dimensions,
-    check_name,
-    check_query,
-    checked_filter_key,
-    metadata_json,
-    unit_vector,
+from baton.store.base import ChunkRecord, Filters, Hit, SearchMode, StoreQuery
+from baton.store.embedded_snapshots import drop_foreign_snapshots, restore_index
+from baton.store.embedded_sql import (
+    NO_IDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    PreparedChunk,
+    Version,
+    bump_generation,
+    checked_key,
+    create_tenant,
+    delete_rows,
+    existing_tenant,
+    fetch_rows,
+    filter_clauses,
+    insert_rows,
+    json_path_sql,
+    tenant_version,
 )
+from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
+from baton.store.locks import ReadWriteLock, acquire_directory_lock
+from baton.store.validation import check_chunks, check_dimensions, check_name, check_query, metadata_json, unit_vector
 from baton.store.vector_index import IndexParams, TenantIndex, VectorHits
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
 DEFAULT_INDEXED_METADATA = ("collection", "source", "language")
 # A snapshot is written after this many index changes (or a quarter of the index, if more), and on close.
 SNAPSHOT_MIN_CHANGES = 20_000
-_METADATA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_ROW_BATCH = 20_000
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tenants (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    generation INTEGER NOT NULL DEFAULT 0,
-    stamp INTEGER NOT NULL DEFAULT 0,
-    chunk_count INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
-    document_id TEXT NOT NULL,
-    chunk_id TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    UNIQUE (tenant_id, chunk_id)
-);
-CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (tenant_id, document_id);
-CREATE TABLE IF NOT EXISTS chunk_bodies (id INTEGER PRIMARY KEY, text TEXT NOT NULL, vector BLOB NOT NULL);
-"""
-
-
-@dataclass(frozen=True)
-class _PreparedChunk:
-    chunk_id: str
-    text: str
-    terms: str  # analysed, space-separated: what FTS5 indexes
-    metadata_json: str
-    vector: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Version:
-    """A tenant's write counter and the random stamp of its last write."""
-
-    generation: int
-    stamp: int
 
 
 @dataclass(frozen=True)
@@ -112,14 +80,6 @@ class _Filter:
 
     rowids: np.ndarray
     rows: fts_bm25.RowFilter
-
-
-@dataclass(frozen=True)
-class _Row:
-    chunk_id: str
-    document_id: str
-    text: str
-    metadata: dict[str, MetadataValue]
 
 
 class EmbeddedStore:
@@ -143,9 +103,9 @@ class EmbeddedStore:
         self.params = index_params or IndexParams()
         self._durable = durable
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _acquire_directory_lock(self.path / "LOCK")
+        self._lock_file = acquire_directory_lock(self.path / "LOCK")
         self._writer = threading.Lock()
-        self._rw = _ReadWriteLock()
+        self._rw = ReadWriteLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -153,11 +113,11 @@ class EmbeddedStore:
         self._tenant_ids: dict[str, int] = {}
         self._frequencies = fts_bm25.FrequencyCache()
         self._closed = False
-        self._indexed_metadata = tuple(_checked_key(key) for key in indexed_metadata)
+        self._indexed_metadata = tuple(checked_key(key) for key in indexed_metadata)
         self._conn = self._connect()
         self._create_schema()
         self._dim = self._stored_dim()
-        self._drop_foreign_snapshots()
+        drop_foreign_snapshots(self._conn, self.path / "vectors")
 
     # --- VectorStore ---------------------------------------------------------------------------------------------
 
@@ -172,9 +132,9 @@ class EmbeddedStore:
             with self._transaction() as conn:
                 tenant_id = self._tenant_for_write(conn, tenant)
                 self._ensure_dim(conn, prepared[0].vector.size)
-                removed = self._delete_rows(conn, tenant_id, document_id)
-                added = self._insert_rows(conn, tenant_id, document_id, prepared)
-                version = self._bump_generation(conn, tenant_id, added.size - removed.size)
+                removed = delete_rows(conn, tenant_id, document_id)
+                added = insert_rows(conn, tenant_id, document_id, prepared)
+                version = bump_generation(conn, tenant_id, added.size - removed.size)
                 vectors = np.stack([chunk.vector for chunk in prepared])
                 self._commit_and_apply(conn, tenant, removed, added, vectors, version)
             self._tenant_ids[tenant] = tenant_id
@@ -187,13 +147,13 @@ class EmbeddedStore:
         with self._writer:
             self._check_open()
             with self._transaction() as conn:
-                tenant_id = self._existing_tenant(conn, tenant)
-                removed = self._delete_rows(conn, tenant_id, document_id) if tenant_id is not None else _NO_IDS
+                tenant_id = existing_tenant(conn, tenant)
+                removed = delete_rows(conn, tenant_id, document_id) if tenant_id is not None else NO_IDS
                 if removed.size == 0:
                     conn.execute("ROLLBACK")
                     return 0
-                version = self._bump_generation(conn, tenant_id, -removed.size)
-                self._commit_and_apply(conn, tenant, removed, _NO_IDS, None, version)
+                version = bump_generation(conn, tenant_id, -removed.size)
+                self._commit_and_apply(conn, tenant, removed, NO_IDS, None, version)
             self._maintain(tenant)
         return int(removed.size)
 
@@ -218,7 +178,7 @@ class EmbeddedStore:
                 scored = self._bm25_only(conn, tenant_id, query, allowed)
             else:
                 scored = self._hybrid(conn, tenant_id, index, vector, query, allowed)
-            rows = self._fetch_rows(conn, [rowid for rowid, *_ in scored])
+            rows = fetch_rows(conn, [rowid for rowid, *_ in scored])
         return [
             Hit(rows[rowid].chunk_id, rows[rowid].document_id, rows[rowid].text, rows[rowid].metadata, *scores)
             for rowid, *scores in scored
@@ -227,7 +187,7 @@ class EmbeddedStore:
 
     def count(self, tenant: str | None = None, filters: Filters | None = None) -> int:
         self._check_open()
-        clauses, params = _filter_clauses(filters or {}, self._indexed_metadata)
+        clauses, params = filter_clauses(filters or {}, self._indexed_metadata)
         if tenant is not None:
             tenant_id = self._tenant_for_read(tenant)
             if tenant_id is None:
@@ -292,13 +252,13 @@ class EmbeddedStore:
 
     # --- writing -------------------------------------------------------------------------------------------------
 
-    def _prepare(self, tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> list[_PreparedChunk]:
+    def _prepare(self, tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> list[PreparedChunk]:
         """Validate and analyse outside the locks: stemming is the slow part of a write."""
         check_chunks(tenant, document_id, chunks)
         prepared = []
         for chunk in chunks:
             prepared.append(
-                _PreparedChunk(
+                PreparedChunk(
                     chunk.chunk_id,
                     chunk.text,
                     index_text(chunk.text),
@@ -335,7 +295,7 @@ class EmbeddedStore:
         removed: np.ndarray,
         added: np.ndarray,
         vectors: np.ndarray | None,
-        version: _Version,
+        version: Version,
     ) -> None:
         """COMMIT and update the loaded index under one exclusive lock: readers see both or neither."""
         with self._rw.write():
@@ -354,17 +314,10 @@ class EmbeddedStore:
                 log.exception("vector index of tenant %r out of step; it will be rebuilt from SQLite", tenant)
                 del self._indexes[tenant]
 
-    def _tenant_for_write(self, conn: sqlite3.Connection, tenant: str) -> int:
-        tenant_id = self._existing_tenant(conn, tenant)
-        if tenant_id is None:
-            tenant_id = int(conn.execute("INSERT INTO tenants (name) VALUES (?) RETURNING id", (tenant,)).fetchone()[0])
-            fts_bm25.create_tables(conn, tenant_id)
-        return tenant_id
-
     @staticmethod
-    def _existing_tenant(conn: sqlite3.Connection, tenant: str) -> int | None:
-        row = conn.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()
-        return None if row is None else int(row[0])
+    def _tenant_for_write(conn: sqlite3.Connection, tenant: str) -> int:
+        tenant_id = existing_tenant(conn, tenant)
+        return create_tenant(conn, tenant) if tenant_id is None else tenant_id
 
     def _ensure_dim(self, conn: sqlite3.Connection, dim: int) -> None:
         if self._dim is None:
@@ -376,50 +329,6 @@ class EmbeddedStore:
                 "embedding model, or a new store for a new model",
                 reason="DIMENSION_MISMATCH",
             )
-
-    @staticmethod
-    def _delete_rows(conn: sqlite3.Connection, tenant_id: int, document_id: str) -> np.ndarray:
-        """Delete the document's rows; returns their ids."""
-        rows = conn.execute(
-            "SELECT id FROM chunks WHERE tenant_id = ? AND document_id = ? ORDER BY id", (tenant_id, document_id)
-        ).fetchall()
-        ids = [rowid for (rowid,) in rows]
-        for part in _batches(ids, 500):
-            marks = ",".join("?" * len(part))
-            conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
-            conn.execute(f"DELETE FROM chunk_bodies WHERE id IN ({marks})", part)
-            conn.execute(f"DELETE FROM {fts_bm25.table_name(tenant_id)} WHERE rowid IN ({marks})", part)
-        return np.asarray(ids, dtype=np.int64)
-
-    @staticmethod
-    def _insert_rows(
-        conn: sqlite3.Connection, tenant_id: int, document_id: str, chunks: Sequence[_PreparedChunk]
-    ) -> np.ndarray:
-        ids = []
-        for chunk in chunks:
-            (rowid,) = conn.execute(
-                "INSERT INTO chunks (tenant_id, document_id, chunk_id, metadata) VALUES (?, ?, ?, ?) RETURNING id",
-                (tenant_id, document_id, chunk.chunk_id, chunk.metadata_json),
-            ).fetchone()
-            ids.append(rowid)
-        conn.executemany(
-            "INSERT INTO chunk_bodies (id, text, vector) VALUES (?, ?, ?)",
-            [(rowid, chunk.text, chunk.vector.tobytes()) for rowid, chunk in zip(ids, chunks, strict=True)],
-        )
-        conn.executemany(
-            f"INSERT INTO {fts_bm25.table_name(tenant_id)} (rowid, terms) VALUES (?, ?)",
-            [(rowid, chunk.terms) for rowid, chunk in zip(ids, chunks, strict=True)],
-        )
-        return np.asarray(ids, dtype=np.int64)
-
-    @staticmethod
-    def _bump_generation(conn: sqlite3.Connection, tenant_id: int, chunk_change: int) -> _Version:
-        row = conn.execute(
-            "UPDATE tenants SET generation = generation + 1, stamp = ?, chunk_count = chunk_count + ? WHERE id = ? "
-            "RETURNING generation, stamp",
-            (secrets.randbits(62), int(chunk_change), tenant_id),
-        ).fetchone()
-        return _Version(int(row[0]), int(row[1]))
 
     # --- the vector index: load, catch up, maintain --------------------------------------------------------------
 
@@ -436,68 +345,14 @@ class EmbeddedStore:
                     self._indexes[tenant] = index
 
     def _load_index(self, tenant: str) -> TenantIndex | None:
-        row = self._conn.execute("SELECT id, generation, stamp FROM tenants WHERE name = ?", (tenant,)).fetchone()
-        if row is None or self._dim is None:
+        found = tenant_version(self._conn, tenant)
+        if found is None or self._dim is None:
             return None
-        tenant_id, version = int(row[0]), _Version(int(row[1]), int(row[2]))
-        index = self._snapshot(tenant_id, version)
-        if (index.generation, index.stamp) != (version.generation, version.stamp):
-            index = self._catch_up(index, tenant_id)
-            index.generation, index.stamp = version.generation, version.stamp
-        if index.wants_hnsw():
-            index = index.rebuilt(hnsw=True)
+        tenant_id, version = found
+        index = restore_index(self._conn, self._vectors_dir(tenant_id), tenant_id, version, self._dim, self.params)
         if index.changes_since_save >= SNAPSHOT_MIN_CHANGES:
             self._save(tenant, index, tenant_id)
         return index
-
-    def _snapshot(self, tenant_id: int, version: _Version) -> TenantIndex:
-        """The tenant's snapshot if it can be trusted as a base for catching up, else an empty index.
-
-        Catching up by row ids is sound only along one history: a snapshot from a write SQLite no longer has (newer
-        generation, or the same generation with another stamp — SQLite restored from a backup, or rolled back by
-        a power loss under ``durable=False``) may hold other vectors under reused ids, so it is dropped."""
-        assert self._dim is not None
-        try:
-            index = TenantIndex.load(self._vectors_dir(tenant_id), self._dim, self.params)
-        except Exception:
-            log.exception("vector snapshot of tenant %d unreadable; rebuilding it from SQLite", tenant_id)
-            index = None
-        if index is not None and (
-            index.generation > version.generation
-            or (index.generation == version.generation and index.stamp != version.stamp)
-        ):
-            log.warning("vector snapshot of tenant %d is not from SQLite's history; rebuilding it", tenant_id)
-            index = None
-        return index or TenantIndex(self._dim, self.params)
-
-    def _catch_up(self, index: TenantIndex, tenant_id: int) -> TenantIndex:
-        """Bring ``index`` to SQLite's rows: tombstone what SQLite no longer has, add what it gained."""
-        current = np.fromiter(
-            (r[0] for r in self._conn.execute("SELECT id FROM chunks WHERE tenant_id = ? ORDER BY id", (tenant_id,))),
-            dtype=np.int64,
-        )
-        live = index.live_rowids()
-        last = int(index.rowids[-1]) if index.size else 0
-        if not np.isin(current[current <= last], live, assume_unique=True).all():
-            log.warning("vector snapshot of tenant %d misses old rows; rebuilding it from SQLite", tenant_id)
-            return self._catch_up(TenantIndex(index.dim, self.params), tenant_id)
-        index.remove(np.setdiff1d(live, current, assume_unique=True))
-        added = current[current > last]
-        if not index.is_hnsw and index.live_count + added.size >= self.params.hnsw_threshold:
-            index = index.rebuilt(hnsw=True)
-        for part in _batches(added, _ROW_BATCH):
-            index.add(part, self._load_vectors(part))
-        return index
-
-    def _load_vectors(self, rowids: np.ndarray) -> np.ndarray:
-        rows = self._conn.execute(
-            "SELECT id, vector FROM chunk_bodies WHERE id BETWEEN ? AND ? ORDER BY id",
-            (int(rowids[0]), int(rowids[-1])),
-        ).fetchall()
-        wanted = set(rowids.tolist())
-        blobs = [blob for rowid, blob in rows if rowid in wanted]
-        assert self._dim is not None
-        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self._dim)
 
     def _maintain(self, tenant: str) -> None:
         """After a write (holding the writer mutex): switch to HNSW, compact, or snapshot when due. The rebuild
@@ -515,25 +370,13 @@ class EmbeddedStore:
     def _save(self, tenant: str, index: TenantIndex, tenant_id: int | None = None) -> None:
         tenant_id = tenant_id if tenant_id is not None else self._tenant_ids.get(tenant)
         if tenant_id is None:
-            tenant_id = self._existing_tenant(self._conn, tenant)
+            tenant_id = existing_tenant(self._conn, tenant)
         if tenant_id is None:
             return
         try:
             index.save(self._vectors_dir(tenant_id))
         except OSError:
             log.exception("could not write the vector snapshot of tenant %r; SQLite stays the source of truth", tenant)
-
-    def _drop_foreign_snapshots(self) -> None:
-        """At open, before any write: remove snapshots newer than SQLite (or of tenants it does not have). Were
-        they kept, writes before the tenant's first search could bring SQLite to the same generation along another
-        history, with reused row ids."""
-        generations = dict(self._conn.execute("SELECT id, generation FROM tenants").fetchall())
-        for folder in (self.path / "vectors").glob("*"):
-            tenant_id = int(folder.name) if folder.name.isdigit() else None
-            snapshot = TenantIndex.snapshot_generation(folder)
-            if tenant_id not in generations or (snapshot is not None and snapshot > generations[tenant_id]):
-                log.warning("removing vector snapshot %s: it is not from this store's history", folder)
-                shutil.rmtree(folder, ignore_errors=True)
 
     def _vectors_dir(self, tenant_id: int) -> Path:
         return self.path / "vectors" / str(tenant_id)
@@ -621,24 +464,11 @@ class EmbeddedStore:
         """The rows the filters allow within the tenant, or None for no filter."""
         if not filters:
             return None
-        clauses, params = _filter_clauses(filters, self._indexed_metadata)
+        clauses, params = filter_clauses(filters, self._indexed_metadata)
         sql = f"SELECT id FROM chunks WHERE tenant_id = ? AND {' AND '.join(clauses)}"
         params = [tenant_id, *params]
         rowids = np.fromiter((row[0] for row in conn.execute(f"{sql} ORDER BY id", params)), dtype=np.int64)
         return _Filter(rowids, fts_bm25.RowFilter(sql, params))
-
-    @staticmethod
-    def _fetch_rows(conn: sqlite3.Connection, rowids: Sequence[int]) -> dict[int, _Row]:
-        rows: dict[int, _Row] = {}
-        for part in _batches(list(rowids), 500):
-            marks = ",".join("?" * len(part))
-            for rowid, chunk_id, document_id, metadata, text in conn.execute(
-                "SELECT c.id, c.chunk_id, c.document_id, c.metadata, b.text FROM chunks c "
-                f"JOIN chunk_bodies b ON b.id = c.id WHERE c.id IN ({marks})",
-                part,
-            ):
-                rows[rowid] = _Row(chunk_id, document_id, text, json.loads(metadata))
-        return rows
 
     # --- connections and bookkeeping -----------------------------------------------------------------------------
 
@@ -661,10 +491,10 @@ class EmbeddedStore:
 
     def _create_schema(self) -> None:
         with self._writer:
-            self._conn.executescript(_SCHEMA)
+            self._conn.executescript(SCHEMA)
             for key in self._indexed_metadata:
                 self._conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS chunks_meta_{key} ON chunks (tenant_id, {_json_path_sql(key)})"
+                    f"CREATE INDEX IF NOT EXISTS chunks_meta_{key} ON chunks (tenant_id, {json_path_sql(key)})"
                 )
             row = self._conn.execute("SELECT value FROM store_meta WHERE key = 'schema'").fetchone()
             if row is None:
@@ -705,7 +535,7 @@ class EmbeddedStore:
         check_name("tenant", tenant)
         tenant_id = self._tenant_ids.get(tenant)
         if tenant_id is None:
-            tenant_id = self._existing_tenant(self._reader(), tenant)
+            tenant_id = existing_tenant(self._reader(), tenant)
             if tenant_id is not None:
                 self._tenant_ids[tenant] = tenant_id
         return tenant_id
@@ -715,102 +545,7 @@ class EmbeddedStore:
             raise Unavailable(f"the vector store at {self.path} is closed", reason="STORE_CLOSED")
 
 
-_NO_IDS = np.empty(0, dtype=np.int64)
-
-
 def _vector_hits(index: TenantIndex | None, vector: np.ndarray, k: int, allowed: _Filter | None) -> VectorHits:
     if index is None:
-        return VectorHits(_NO_IDS, np.empty(0, np.float32))
+        return VectorHits(NO_IDS, np.empty(0, np.float32))
     return index.search(vector, k, None if allowed is None else allowed.rowids)
-
-
-def _json_path_sql(key: str) -> str:
-    """The SQL expression of an indexed key; spelled the same everywhere so SQLite uses the expression index."""
-    return f"json_extract(metadata, '$.{key}')"
-
-
-def _filter_clauses(filters: Filters, indexed: Sequence[str]) -> tuple[list[str], list[object]]:
-    """SQL conditions on ``chunks`` for equality / any-of filters on ``document_id``, ``chunk_id`` or metadata."""
-    clauses: list[str] = []
-    params: list[object] = []
-    for key, wanted in filters.items():
-        values = [wanted] if isinstance(wanted, str | bytes | int | float | bool) else list(wanted)
-        if not values:
-            clauses.append("0")  # any-of an empty list matches nothing
-            continue
-        for value in values:
-            if not isinstance(value, str | int | float | bool):
-                raise InvalidArgument(f"filter {key!r}: {value!r} is not a string, number or boolean")
-        if key in ("document_id", "chunk_id"):
-            column = key
-        elif key in indexed:
-            column = _json_path_sql(key)
-        else:
-            column = "json_extract(metadata, ?)"
-            params.append(f'$."{checked_filter_key(key)}"')
-        clauses.append(f"{column} IN ({','.join('?' * len(values))})")
-        params.extend(int(value) if isinstance(value, bool) else value for value in values)
-    return clauses, params
-
-
-def _checked_key(key: str) -> str:
-    if not _METADATA_KEY.match(key):
-        raise ValueError(f"indexed metadata key {key!r}: use letters, digits and underscores")
-    return key
-
-
-def _batches(items: Sequence | np.ndarray, size: int) -> Iterator:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _acquire_directory_lock(path: Path) -> TextIO:
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise FailedPrecondition(
-            f"another process has the vector store at {path.parent} open; stop it or use another store path",
-            reason="STORE_LOCKED",
-        ) from None
-    return handle
-
-
-class _ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers, so writes are not starved."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
