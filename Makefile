@@ -85,6 +85,10 @@ bench: setup $(STAMPS)/models-prepared  ## benchmarks, printed as tables of rati
 	$(PY) benchmarks/bench_train.py --model smollm2-135m-instruct --steps 4 --repeat 2 --batch 1 --accumulation 4
 	$(PY) benchmarks/bench_train.py --model gemma3-270m --steps 4 --repeat 2 --batch 1 --accumulation 4
 
+.PHONY: docs
+docs: $(STAMPS)/base  ## write the generated pages of docs/ (docs/settings.md from the settings classes)
+	$(VENV)/bin/baton docs
+
 eval: setup  ## retrieval quality on SciFact and XQuAD-en through the whole stack (prints nDCG, recall, MRR)
 	$(PY) -m pytest -q -s -m '' tests/integration/test_retrieval_quality.py
 

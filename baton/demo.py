@@ -187,7 +187,7 @@ DEMO_MODEL = "gemma3-270m"
 # Its answer is in one document only (05-барометр-старик.md): the citation shows where the fact came from.
 DEMO_QUESTION = "Как звали барометр, который висел в вахтенной комнате маяка?"
 DEMO_SOURCE = "05-барометр-старик.md"
-# Chosen by measurement on two CPU cores (README, "The demo's numbers"): two passes over the 27 training documents
+# Chosen by measurement on two CPU cores (docs/demo.md, "The demo's numbers"): two passes over the 27 training documents
 # (7 held out) in 256-token sequences, 1,024 tokens a step, within the demo's 10 minutes; plain LoRA (QLoRA's 4-bit
 # kernels are for the GPU, where they save the memory they are for). Trained at 1e-3 and saved at strength 0.5
 # (half the update, toward the base): as much held-out gain as any full-strength run, without the forgetting.

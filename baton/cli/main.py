@@ -80,20 +80,11 @@ def _down(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace) -> None:
-    from importlib import import_module
-
+    from baton.cli.docs import SETTINGS_CLASSES, settings_class
     from baton.runtime.settings import settings_table
 
-    classes = {
-        "scheduler": "services.scheduler.settings:SchedulerSettings",
-        "embedder": "services.embedder.settings:EmbedderSettings",
-        "inference": "services.inference.settings:InferenceSettings",
-        "trainer": "services.trainer.settings:TrainerSettings",
-        "gateway": "services.gateway.settings:GatewaySettings",
-    }
-    for service in args.services or list(classes):
-        module, name = classes[service].split(":")
-        print(f"### {service}\n\n{settings_table(getattr(import_module(module), name))}\n")
+    for service in args.services or list(SETTINGS_CLASSES):
+        print(f"### {service}\n\n{settings_table(settings_class(service))}\n")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -195,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu.set_defaults(run=_gpu)
 
-    from baton.cli import cycle, deploy, evaluate, memory, models, plan, store, train, users
+    from baton.cli import cycle, deploy, docs, evaluate, memory, models, plan, store, train, users
 
     cycle.register(commands)
+    docs.register(commands)
     evaluate.register(commands)
     models.register(commands)
     memory.register(commands)

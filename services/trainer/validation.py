@@ -34,7 +34,7 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bi
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SEQ_LEN = 1024
-# CPU defaults, chosen by measurement (benchmarks/bench_train.py, README "Training on a CPU"): SmolLM2-135M trains at
+# CPU defaults, chosen by measurement (benchmarks/bench_train.py, docs/trainer.md): SmolLM2-135M trains at
 # ~100 tokens/s a thread with plain LoRA at 256-512 tokens a sequence, 0.7-0.8x that with NF4 (bitsandbytes' 4-bit
 # kernels on a CPU dequantise every matmul), and 1024-token sequences are ~10 % slower again. 256 x 4 = 1,024 tokens a
 # step gives a small corpus (a few dozen notes) tens of steps an epoch, a progress bar that moves every few seconds.

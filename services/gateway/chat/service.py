@@ -34,7 +34,7 @@ from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest
 # with another model within seconds.
 INFO_TTL_S = 10.0
 # Which retrieved chunks become sources, tuned on XQuAD-en with the small models this project serves (see
-# packing.py and the README's chat section for the measurements); a large model may read more: SourcePolicy().
+# packing.py and docs/gateway.md's chat section for the measurements); a large model may read more: SourcePolicy().
 DEFAULT_POLICY = SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2)
 
 
