@@ -149,7 +149,7 @@ def heldout_from_job(registered: RegisteredVersion, jobs_dir: Path) -> tuple[lis
 
 
 def _job_spec(registered: RegisteredVersion, jobs_dir: Path) -> Any:
-    from services.trainer.training import JobSpec
+    from services.trainer.run_spec import JobSpec
 
     job_id = registered.registry.get("job_id") or registered.metadata.get("job_id")
     path = jobs_dir / str(job_id) / "spec.json"

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from baton.runtime.files import model_config
     from services.trainer.dataset import BuiltDataset, DatasetStats
-    from services.trainer.training import JobSpec, TrainingRun
+    from services.trainer.run_spec import JobSpec
+    from services.trainer.training import TrainingRun
 
     config = model_config(args.model)
     vocab = int(config.get("text_config", config)["vocab_size"])

@@ -24,7 +24,7 @@ from baton.runtime.errors import BatonError
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     from services.trainer import dataset
-    from services.trainer.training import JobSpec, plan_steps
+    from services.trainer.run_spec import JobSpec, plan_steps
 
     job = JobSpec.from_json(spec)
     try:

@@ -8,7 +8,8 @@ seeded by ``(seed, g // per_epoch)``. A run stopped after step N and resumed fro
 steps with the same numbers as one that never stopped (bit for bit on the same machine and thread count).
 
 The loop knows nothing of processes or files beyond its job folder: it reports through an ``emit`` callback (the
-worker writes events.jsonl) and asks ``should_stop`` after every optimizer step (the worker's signal flags).
+worker writes events.jsonl) and asks ``should_stop`` after every optimizer step (the worker's signal flags). The job's
+spec and its step plan are ``services.trainer.run_spec``; the model, LoRA and optimizer ``services.trainer.lora``.
 """
 
 from __future__ import annotations
@@ -24,425 +25,37 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from baton.runtime.errors import FailedPrecondition, InvalidArgument
+from baton.runtime.errors import FailedPrecondition
 from baton.runtime.files import fsync_dir, fsync_tree
 from baton.runtime.logging import log_event
 from services.trainer.dataset import IGNORE_INDEX, Block, BuiltDataset
+from services.trainer.lora import (
+    LoraPlan,
+    interpolate_toward_base,
+    load_base_model,
+    make_optimizer,
+    plan_lora,
+    resolve_dtype,
+    torch_device,
+    wrap_with_lora,
+)
+from services.trainer.run_spec import JobSpec, lr_factor, plan_steps, warmup_steps
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 StopCheck = Callable[[], str | None]  # "yield" | "shutdown" once a stop was asked for
 
-# The attention and MLP projections of Llama/Qwen/Mistral-style models: the default LoRA targets.
-DEFAULT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTER_NAMES = ("gate", "router")  # a MoE block's router, next to its `experts`
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_META = "checkpoint.json"
 THROUGHPUT_WINDOW = 10  # steps averaged for tokens/s
-
-
-# ------------------------------------------------------------------------------------------------------- the spec
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ()
-    target_experts: bool = False
-    train_router: bool = False
-    use_rslora: bool = False
-    strength: float = 1.0  # the share of the trained update the saved adapter keeps (see interpolate_toward_base)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    method: Literal["nf4", "none"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
-@dataclass(frozen=True)
-class HyperSpec:
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    seq_len: int = 1024
-    micro_batch_size: int = 1
-    grad_accumulation_steps: int = 8
-    max_steps: int | None = None
-    epochs: float | None = None
-    eval_fraction: float = 0.05
-    eval_every_steps: int | None = None
-    checkpoint_every_steps: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    gradient_checkpointing: bool = True
-    optimizer: str = "adamw_torch"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """spec.json as the parent writes it (every default filled); missing or null fields take the proto defaults."""
-
-    job_id: str
-    name: str
-    base_model_path: Path
-    dataset: dict[str, Any]
-    lora: LoraSpec = LoraSpec()
-    quantization: QuantSpec = QuantSpec()
-    hyper: HyperSpec = HyperSpec()
-    device: Literal["cpu", "cuda"] = "cpu"
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JobSpec:
-        device = data.get("device") or "cpu"
-        lora_values = dict(data.get("lora") or {})
-        if lora_values.get("alpha") is None:  # the proto's default: 2 x rank
-            lora_values["alpha"] = 2.0 * float(lora_values.get("rank") or LoraSpec.rank)
-        lora = _fill(LoraSpec, lora_values)
-        lora = LoraSpec(**{**asdict(lora), "target_modules": tuple(lora.target_modules or ())})
-        quant_values = dict(data.get("quantization") or {})
-        if quant_values.get("compute_dtype") in (None, "", "auto"):  # automatic: bf16 on a GPU, fp32 on the CPU
-            quant_values["compute_dtype"] = "bfloat16" if device == "cuda" else "float32"
-        hyper_values = dict(data.get("hyper") or {})
-        if not hyper_values.get("optimizer"):  # the proto's default: paged 8-bit AdamW on a GPU, torch's on the CPU
-            hyper_values["optimizer"] = "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-        return cls(
-            job_id=str(data.get("job_id", "")),
-            name=str(data.get("name", "")),
-            base_model_path=Path(data["base_model_path"]),
-            dataset=dict(data["dataset"]),
-            lora=lora,
-            quantization=_fill(QuantSpec, quant_values),
-            hyper=_fill(HyperSpec, hyper_values),
-            device=device,
-        )
-
-
-def _fill(cls: type, values: dict[str, Any] | None) -> Any:
-    known = cls.__dataclass_fields__
-    return cls(**{key: value for key, value in (values or {}).items() if key in known and value is not None})
-
-
-# ------------------------------------------------------------------------------------------------------ the plan
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How the training split turns into optimizer steps."""
-
-    blocks: int
-    micro_batch_size: int
-    accumulation: int
-    micro_batches_per_epoch: int
-    total_steps: int
-
-    def micro_batch(self, index: int, seed: int) -> list[int]:
-        """Block indices of micro-batch ``index`` of the whole run: a function of (seed, epoch) alone."""
-        epoch, k = divmod(index, self.micro_batches_per_epoch)
-        order = _epoch_order(seed, epoch, self.blocks)
-        return order[k * self.micro_batch_size : (k + 1) * self.micro_batch_size]
-
-    def epoch_at(self, step: int) -> float:
-        return step * self.accumulation / self.micro_batches_per_epoch
-
-
-def plan_steps(train_blocks: int, hyper: HyperSpec) -> StepPlan:
-    """Total optimizer steps: ``epochs`` passes (default 1), capped by ``max_steps``; only max_steps: exactly that."""
-    per_epoch = max(1, math.ceil(train_blocks / hyper.micro_batch_size))
-    if hyper.epochs is None and hyper.max_steps:
-        total = hyper.max_steps
-    else:
-        epochs = hyper.epochs if hyper.epochs is not None else 1.0
-        total = max(1, math.ceil(math.ceil(epochs * per_epoch) / hyper.grad_accumulation_steps))
-        if hyper.max_steps:
-            total = min(total, hyper.max_steps)
-    return StepPlan(train_blocks, hyper.micro_batch_size, hyper.grad_accumulation_steps, per_epoch, total)
-
-
-_ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
-
-
-def _epoch_order(seed: int, epoch: int, blocks: int) -> list[int]:
-    key = (seed, epoch, blocks)
-    if key not in _ORDER_CACHE:
-        # Its own generator seeded by (seed, epoch): the global RNGs (dropout's) never shift the data order.
-        _ORDER_CACHE.clear()
-        _ORDER_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(blocks).tolist()
-    return _ORDER_CACHE[key]
-
-
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): a linear warm-up that starts
-    above zero (no wasted first step), then cosine or linear decay towards 0, or constant."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_steps(hyper: HyperSpec, total: int) -> int:
-    if hyper.warmup_steps is not None:
-        return min(hyper.warmup_steps, total)
-    return min(total, math.ceil(hyper.warmup_ratio * total))
-
-
-# ------------------------------------------------------------------------------------------------ model and LoRA
-
-
-@dataclass(frozen=True)
-class LoraPlan:
-    """What peft is asked to adapt, as found in this model."""
-
-    target_modules: list[str] | str
-    target_parameters: list[str] = field(default_factory=list)
-    modules_to_save: list[str] = field(default_factory=list)
-    exclude_modules: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def resolve_dtype(quant: QuantSpec) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[quant.compute_dtype]
-
-
-def load_base_model(spec: JobSpec) -> torch.nn.Module:
-    """The base model on the job's device: NF4 4-bit with bitsandbytes (QLoRA), or plain in the compute dtype."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the bars would fill the worker's log; events report progress
-    dtype = resolve_dtype(spec.quantization)
-    device = _device(spec.device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-    if spec.quantization.method == "nf4":
-        kwargs["quantization_config"] = _nf4_config(spec.quantization, dtype)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(str(spec.base_model_path), **kwargs)
-    if spec.quantization.method != "nf4":
-        model.to(device)
-    _keep_cpu_4bit_layout_trainable(model)
-    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    return model
-
-
-def _keep_cpu_4bit_layout_trainable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
-
-    On a CPU with AVX512-BF16, a Linear4bit forward in eval mode repacks its weight into an inference layout for
-    good, and later training forwards then run a kernel without autograd (gradients stop flowing through the frozen
-    layers: "gemv_4bit: an autograd kernel was not registered"). It would also make a run's numbers depend on
-    whether an evaluation happened before a step, so a resumed run would drift from an uninterrupted one.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise FailedPrecondition(
-                "the job asks for cuda but torch sees no GPU here; use device cpu", reason="NO_GPU"
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _nf4_config(quant: QuantSpec, dtype: torch.dtype) -> Any:
-    try:
-        import bitsandbytes  # noqa: F401  (the import is the check)
-        from transformers import BitsAndBytesConfig
-    except ImportError as error:
-        raise FailedPrecondition(
-            f"NF4 needs bitsandbytes, which does not import here ({error}); install it or use quantization none",
-            reason="QUANT_UNSUPPORTED",
-        ) from error
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-    )
-
-
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names (``q_proj``) of the model's linear layers (bitsandbytes' 4-bit ones are nn.Linear subclasses),
-    without the output head and MoE routers — the names peft's target_modules may use."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    routers = set(_router_paths(model))
-    names = {
-        path.rsplit(".", 1)[-1]
-        for path, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head and path not in routers
-    }
-    return sorted(names)
-
-
-def _experts_paths(model: torch.nn.Module) -> list[str]:
-    return [path for path, _ in model.named_modules() if path.rsplit(".", 1)[-1] == "experts"]
-
-
-def _router_paths(model: torch.nn.Module) -> list[str]:
-    found = []
-    for path, module in model.named_modules():
-        children = dict(module.named_children())
-        if "experts" in children:
-            found += [f"{path}.{name}" if path else name for name in ROUTER_NAMES if name in children]
-    return found
-
-
-def plan_lora(model: torch.nn.Module, lora: LoraSpec) -> LoraPlan:
-    """Resolve the LoRA targets against the model: defaults, validation, MoE experts and router options."""
-    linear = linear_module_names(model)
-    notes: list[str] = []
-    if lora.target_modules == ("all-linear",):
-        targets: list[str] | str = "all-linear"
-    elif lora.target_modules:
-        unknown = sorted(set(lora.target_modules) - set(linear))
-        if unknown:
-            raise InvalidArgument(
-                f"target modules {', '.join(unknown)} are not linear layers of this model; "
-                f"choose from {', '.join(linear)} (or all-linear), or leave target_modules empty for the defaults",
-                reason="UNKNOWN_TARGET_MODULES",
-                metadata={"unknown": ",".join(unknown), "valid": ",".join(linear)},
-            )
-        targets = sorted(lora.target_modules)
-    else:
-        targets = [name for name in DEFAULT_PROJECTIONS if name in linear] or linear
-    experts = _experts_paths(model)
-    plan = LoraPlan(targets, notes=notes)
-    if not experts:
-        if lora.target_experts or lora.train_router:
-            notes.append("target_experts/train_router ignored: the model has no mixture-of-experts layers")
-        return plan
-    return _moe_plan(model, lora, plan, experts)
-
-
-def _moe_plan(model: torch.nn.Module, lora: LoraSpec, plan: LoraPlan, experts: list[str]) -> LoraPlan:
-    modules = dict(model.named_modules())
-    fused = sorted(
-        {
-            f"{path.rsplit('.', 2)[-2]}.experts.{name}" if "." in path else f"experts.{name}"
-            for path in experts
-            for name, param in modules[path].named_parameters(recurse=False)
-            if param.dim() == 3
-        }
-    )
-    notes = list(plan.notes)
-    target_parameters: list[str] = []
-    # Experts as separate nn.Linear layers (older layouts) match the projection names: keep them out unless asked.
-    exclude = None if lora.target_experts else r".*\.experts\..*"
-    if lora.target_experts and fused:
-        # transformers 5 fuses the experts into 3-D parameters (not nn.Linear): peft adapts them by parameter name.
-        target_parameters = fused
-        notes.append(f"LoRA on the fused expert weights {', '.join(fused)} (peft target_parameters)")
-    modules_to_save = sorted({path.rsplit(".", 1)[-1] for path in _router_paths(model)}) if lora.train_router else []
-    if lora.train_router:
-        # The router is small and not a LoRA target: a full trainable copy is saved with the adapter.
-        notes.append(f"router trained in full and saved with the adapter ({', '.join(modules_to_save)})")
-    return LoraPlan(plan.target_modules, target_parameters, modules_to_save, exclude, notes)
-
-
-def _fused_expert_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
-    """Half-precision fused MoE expert weights (3-D parameters; bitsandbytes does not quantise them)."""
-    half = (torch.bfloat16, torch.float16)
-    return {name: p.dtype for name, p in model.named_parameters() if p.ndim >= 3 and p.dtype in half}
-
-
-def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
-    # prepare_model_for_kbit_training casts every non-quantised parameter to fp32. For a MoE model whose experts are
-    # fused 3-D tensors (transformers 5) that is most of the model: "QLoRA" would then need more memory than bf16
-    # LoRA. The experts are frozen, so they go back to their half precision.
-    for name, parameter in model.named_parameters():
-        if name in dtypes and not parameter.requires_grad:
-            parameter.data = parameter.data.to(dtypes[name])
-
-
-def wrap_with_lora(model: torch.nn.Module, spec: JobSpec, plan: LoraPlan) -> Any:
-    """prepare_model_for_kbit_training (NF4) or gradient checkpointing (plain), then peft's LoRA on the plan."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
-    gc_kwargs = {"use_reentrant": False}  # the non-reentrant form keeps dropout's RNG replay exact
-    if spec.quantization.method == "nf4":
-        fused = _fused_expert_dtypes(model)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.hyper.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-        _restore_dtypes(model, fused)
-    elif spec.hyper.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    config = LoraConfig(
-        r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=plan.target_modules,
-        target_parameters=plan.target_parameters or None,
-        modules_to_save=plan.modules_to_save or None,
-        exclude_modules=plan.exclude_modules,
-        use_rslora=spec.lora.use_rslora,
-        task_type=TaskType.CAUSAL_LM,
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(spec.base_model_path)
-    return peft_model
-
-
-def interpolate_toward_base(model: torch.nn.Module, strength: float) -> int:
-    """Scale every LoRA B matrix by ``strength``: the adapter's update B·A becomes strength × the trained one.
-
-    That is a weight-space interpolation between the base model (0) and the trained adapter (1), as WiSE-FT does
-    between a model and its fine-tuned copy. A fine-tuned model overshoots toward its small corpus; part of the way
-    back keeps most of what it learned and forgets less of everything else (measured on the bundled corpus: see
-    the README's "The demo's numbers"). Scaling B rather than lora_alpha keeps adapter_config.json as trained and
-    serves the same in every engine. Returns how many matrices were scaled.
-    """
-    scaled = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                param.mul_(strength)
-                scaled += 1
-    return scaled
-
-
-def make_optimizer(name: str, params: list[torch.nn.Parameter], hyper: HyperSpec, device: str) -> Any:
-    if name not in OPTIMIZERS:
-        raise InvalidArgument(
-            f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}", reason="UNKNOWN_OPTIMIZER"
-        )
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
-    if device != "cuda":
-        raise InvalidArgument(
-            f"optimizer {name} (bitsandbytes) needs a GPU; use adamw_torch on the CPU", reason="UNKNOWN_OPTIMIZER"
-        )
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}.get(
-        name, bnb.optim.PagedAdamW32bit
-    )
-    return cls(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
-
 
 # -------------------------------------------------------------------------------------------------- the run
 
@@ -482,7 +95,7 @@ class TrainingRun:
         self.emit = emit
         self.should_stop = should_stop
         self.plan = plan_steps(len(data.train), spec.hyper)
-        self.device = _device(spec.device)
+        self.device = torch_device(spec.device)
         self.dtype = resolve_dtype(spec.quantization)
         self.step = 0
         self.tokens_seen = 0

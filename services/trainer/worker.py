@@ -130,7 +130,8 @@ def _configure_logging() -> None:
 def _run(job_dir: Path, events: EventLog, flags: StopFlags) -> int:
     from services.trainer.artifacts import base_model_hash, publish_output
     from services.trainer.dataset import build_dataset, load_tokenizer, model_max_positions, source_from_spec
-    from services.trainer.training import TrainingRun, plan_steps
+    from services.trainer.run_spec import plan_steps
+    from services.trainer.training import TrainingRun
 
     spec = _load_spec(job_dir)
     _check_base_model(spec.base_model_path)
@@ -190,7 +191,7 @@ def _run(job_dir: Path, events: EventLog, flags: StopFlags) -> int:
 
 
 def _load_spec(job_dir: Path) -> Any:
-    from services.trainer.training import JobSpec
+    from services.trainer.run_spec import JobSpec
 
     path = job_dir / "spec.json"
     try:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from baton.runtime.errors import InvalidArgument
-from services.trainer.training import HyperSpec, JobSpec, LoraSpec, lr_factor, plan_lora, plan_steps, warmup_steps
+from services.trainer.lora import plan_lora
+from services.trainer.run_spec import HyperSpec, JobSpec, LoraSpec, lr_factor, plan_steps, warmup_steps
 
 
 def test_plan_counts_steps_from_epochs_and_max_steps() -> None:
@@ -174,7 +175,7 @@ def test_qlora_keeps_fused_moe_experts_in_half_precision() -> None:
     from peft import prepare_model_for_kbit_training
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from services.trainer.training import _fused_expert_dtypes, _restore_dtypes
+    from services.trainer.lora import _fused_expert_dtypes, _restore_dtypes
 
     config = Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
