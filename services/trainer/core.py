@@ -9,7 +9,8 @@
 
 One job is worked on at a time, in submission order (jobs recovered after a restart first). Training runs in a child
 process (``worker_module``, the FIXED contract in services/trainer/runner.py); the core tails its events into the
-job's progress, its persisted event log and the WatchJob streams, and turns its exit into the next state:
+job's progress, its persisted event log and the WatchJob streams (services.trainer.reports reads each record), and
+turns its exit into the next state:
 
 - the scheduler asks for the GPU back → SIGUSR1, YIELDING; the child checkpoints and exits 75 → lease released,
   PAUSED, queued for the lease again; granted → RUNNING, and the child resumes from its checkpoint;
@@ -34,7 +35,6 @@ import enum
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -55,20 +55,16 @@ from baton.runtime.errors import (
     Unavailable,
 )
 from baton.runtime.logging import log_event
-from services.trainer import runner
+from services.trainer import reports, runner
 from services.trainer.lease import HeldLease, LeaseProvider, TrainingLeaseRequest
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.model import (
-    Checkpoint,
-    DatasetStats,
     EventType,
     Job,
     JobError,
     JobEvent,
     JobSpec,
     JobState,
-    Progress,
-    TrainedAdapter,
 )
 from services.trainer.registry import REQUIRED_FILES, AdapterRegistry, RegisteredVersion
 from services.trainer.store import JobStore
@@ -506,7 +502,7 @@ class TrainerCore:
             error = result["error"]
             metadata = {str(k): str(v) for k, v in (error.get("metadata") or {}).items()}
             raise _Fail(JobError(str(error.get("reason") or "DATASET_INVALID"), str(error.get("message")), metadata))
-        job.dataset = _dataset_stats(result["stats"])
+        job.dataset = reports.dataset_stats(result["stats"])
         job.progress.total_steps = int(result["stats"].get("total_steps") or 0)
         stats = job.dataset
         notes = "".join(f"; {note}" for note in result.get("notes", []))
@@ -532,7 +528,7 @@ class TrainerCore:
             error = result["error"]
             metadata = {str(k): str(v) for k, v in (error.get("metadata") or {}).items()}
             raise InvalidArgument(str(error.get("message")), reason=str(error.get("reason")), metadata=metadata)
-        job.dataset = _dataset_stats(result["stats"])
+        job.dataset = reports.dataset_stats(result["stats"])
         job.progress.total_steps = int(result["stats"].get("total_steps") or 0)
 
     # ---------------------------------------------------------------------------------------------- the lease
@@ -722,104 +718,23 @@ class TrainerCore:
     # ---------------------------------------------------------------------------------------------- events
 
     def _apply_events(self, job: Job, run: _Run) -> None:
+        """Apply what the child wrote since the last read (services.trainer.reports), then persist and publish."""
         records = run.tail.read()
         events: list[JobEvent] = []
         for record in records:
+            train_s = run.train_s_base + (time.monotonic() - run.started)
             try:
-                event = self._apply_event(job, run, record)
+                report = reports.apply_record(job, record, self._metrics, train_s)
             except (KeyError, TypeError, ValueError) as error:
                 log_event(log, "trainer.event_malformed", level=logging.WARNING, job=job.job_id, error=repr(error))
                 continue
-            if event is not None:
-                events.append(event)
+            if report.error is not None:
+                run.error = report.error
+            if report.type is not None:
+                events.append(self._event(job, report.type, report.message, **report.extra))
         if records or job.events_offset != run.tail.offset:
             job.events_offset = run.tail.offset
             self._commit(job, events)
-
-    def _apply_event(self, job: Job, run: _Run, record: dict[str, Any]) -> JobEvent | None:
-        kind = record.get("type")
-        progress = job.progress
-        if kind == "step":
-            self._apply_step(job, run, record)
-            return self._event(job, EventType.STEP)
-        if kind == "eval":
-            loss = float(record["eval_loss"])
-            which = str(record.get("which", "adapter"))
-            if which == "adapter":
-                progress.eval_loss = loss
-                self._metrics.eval_loss.set(loss)
-            perplexity = record.get("perplexity") or math.exp(min(loss, 50.0))
-            step = record.get("step", 0)
-            message = f"eval loss {loss:.4f}, perplexity {float(perplexity):.2f} ({which}, step {step})"
-            return self._event(job, EventType.EVAL, message)
-        if kind == "checkpoint":
-            reason = str(record.get("reason", "periodic"))
-            job.last_checkpoint = Checkpoint(
-                step=int(record["step"]),
-                path=str(record.get("path", "")),
-                reason=reason,
-                saved_unix_s=float(record.get("time_unix_s") or time.time()),
-                size_bytes=int(record.get("size_bytes") or 0),
-            )
-            self._metrics.checkpoints.labels(reason).inc()
-            if record.get("seconds") is not None:
-                self._metrics.checkpoint_seconds.observe(float(record["seconds"]))
-            message = f"checkpoint at step {job.last_checkpoint.step} ({reason})"
-            return self._event(job, EventType.CHECKPOINT_SAVED, message, checkpoint=job.last_checkpoint)
-        if kind == "dataset":
-            self._apply_dataset(job, record)
-            return None
-        if kind == "resumed":
-            progress.resumes += 1
-            progress.step = int(record.get("step", progress.step))
-            where = record.get("from_checkpoint") or "its checkpoint"
-            return self._event(job, EventType.LOG, f"resumed from step {progress.step} ({where})")
-        if kind == "log":
-            level = str(record.get("level", "info")).lower()
-            prefix = "" if level in ("info", "debug") else f"{level}: "
-            return self._event(job, EventType.LOG, prefix + str(record.get("message", "")))
-        # "done" needs nothing here: output/ (complete or absent) is what finalizing reads.
-        if kind == "error":
-            extra = {k: str(v) for k, v in record.items() if k not in ("type", "reason", "message")}
-            metadata = {str(k): str(v) for k, v in (record.get("metadata") or {}).items()} | extra
-            metadata.pop("metadata", None)
-            run.error = JobError(str(record.get("reason") or "TRAINING_FAILED"), str(record.get("message")), metadata)
-        return None
-
-    def _apply_step(self, job: Job, run: _Run, record: dict[str, Any]) -> None:
-        progress = job.progress
-        tokens = int(record.get("tokens_seen", progress.tokens_seen))
-        if tokens > progress.tokens_seen:
-            self._metrics.tokens.inc(tokens - progress.tokens_seen)
-        progress.step = int(record["step"])
-        progress.total_steps = int(record.get("total_steps") or progress.total_steps)
-        progress.epoch = float(record.get("epoch", progress.epoch))
-        progress.tokens_seen = tokens
-        progress.loss = _optional_float(record.get("loss"))
-        progress.learning_rate = _optional_float(record.get("learning_rate"))
-        progress.grad_norm = _optional_float(record.get("grad_norm"))
-        progress.tokens_per_s = float(record.get("tokens_per_s") or 0.0)
-        progress.peak_memory_bytes = max(progress.peak_memory_bytes, int(record.get("peak_memory_bytes") or 0))
-        progress.train_s = run.train_s_base + (time.monotonic() - run.started)
-        progress.eta_s = _eta(progress)
-        job.estimate.duration_s = progress.train_s + (progress.eta_s or 0.0)
-        metrics = self._metrics
-        metrics.step.set(progress.step)
-        metrics.total_steps.set(progress.total_steps)
-        metrics.tokens_per_second.set(progress.tokens_per_s)
-        metrics.eta_seconds.set(progress.eta_s or 0.0)
-        if progress.loss is not None:
-            metrics.loss.set(progress.loss)
-        if progress.learning_rate is not None:
-            metrics.learning_rate.set(progress.learning_rate)
-
-    def _apply_dataset(self, job: Job, record: dict[str, Any]) -> None:
-        built = _dataset_stats(record)
-        if job.dataset is not None and job.dataset.data_hash and built.data_hash != job.dataset.data_hash:
-            log_event(log, "trainer.data_hash_changed", level=logging.WARNING, job=job.job_id,
-                      prepared=job.dataset.data_hash, built=built.data_hash)  # fmt: skip
-        job.dataset = built
-        job.progress.total_steps = int(record.get("total_steps") or job.progress.total_steps)
 
     # ---------------------------------------------------------------------------------------------- FINALIZING
 
@@ -840,7 +755,7 @@ class TrainerCore:
         except FileNotFoundError as error:
             message = f"the training process left no complete adapter: {error}"
             raise _Fail(JobError("OUTPUT_INCOMPLETE", message)) from None
-        adapter = _trained_adapter(version, job)
+        adapter = reports.trained_adapter(version, job)
         if active.cancel.is_set():  # too late: the version is complete and registered
             job.cancel_requested = False
             self._commit(job, [self._event(job, EventType.LOG, "cancel came after the adapter was registered")])
@@ -890,54 +805,12 @@ class TrainerCore:
         return runner.worker_spec(job, device=self._config.device, texts_dir=self._config.texts_dir)
 
 
-def _dataset_stats(record: dict[str, Any]) -> DatasetStats:
-    names = {f.name for f in dataclasses.fields(DatasetStats)}
-    return DatasetStats(**{key: value for key, value in record.items() if key in names})
-
-
-def _trained_adapter(version: RegisteredVersion, job: Job) -> TrainedAdapter:
-    meta = version.metadata
-    evals = meta.get("eval") if isinstance(meta.get("eval"), dict) else {}
-    base = evals.get("base") if isinstance(evals.get("base"), dict) else {}
-    tuned = evals.get("adapter") if isinstance(evals.get("adapter"), dict) else {}
-    weights = version.path / "adapter_model.safetensors"
-    plot = version.path / "loss.png"
-    return TrainedAdapter(
-        name=version.name,
-        version=version.version,
-        path=str(version.path),
-        base_model_path=job.spec.base_model_path,
-        base_model_hash=str(meta.get("base_model_hash", "")),
-        data_hash=str(meta.get("data_hash") or (job.dataset.data_hash if job.dataset else "")),
-        steps=int(meta.get("steps") or job.progress.step),
-        tokens_seen=int(meta.get("tokens_seen") or job.progress.tokens_seen),
-        eval_loss_before=_optional_float(meta.get("eval_loss_before", base.get("loss"))),
-        eval_perplexity_before=_optional_float(meta.get("eval_perplexity_before", base.get("perplexity"))),
-        eval_loss_after=_optional_float(meta.get("eval_loss_after", tuned.get("loss"))),
-        eval_perplexity_after=_optional_float(meta.get("eval_perplexity_after", tuned.get("perplexity"))),
-        loss_plot_path=str(plot) if plot.is_file() else "",
-        size_bytes=weights.stat().st_size if weights.is_file() else 0,
-        created_unix_s=float(version.registry.get("registered_unix_s") or time.time()),
-    )
-
-
-def _eta(progress: Progress) -> float | None:
-    if progress.step <= 0 or progress.tokens_per_s <= 0 or progress.total_steps <= progress.step:
-        return 0.0 if progress.total_steps and progress.step >= progress.total_steps else None
-    tokens_per_step = progress.tokens_seen / progress.step
-    return (progress.total_steps - progress.step) * tokens_per_step / progress.tokens_per_s
-
-
 def _resume_step(job: Job) -> int:
     return job.last_checkpoint.step if job.last_checkpoint else 0
 
 
 def _ends_stream(event: JobEvent) -> bool:
     return event.type == EventType.STATE_CHANGED and event.state.terminal
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def _signal_name(code: int) -> str:
