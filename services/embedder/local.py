@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from services.embedder.backends import load_model
 from services.embedder.core import EmbedderCore, EmbedOptions, ServiceLimits
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.model import ModelCard, load_model
+from services.embedder.model import ModelCard
 from services.embedder.server import load_options
 from services.embedder.settings import EmbedderSettings
 

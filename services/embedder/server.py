@@ -15,10 +15,11 @@ from baton.runtime.files import model_config
 from baton.runtime.grpc_server import GrpcService, run_until_signalled
 from baton.runtime.logging import log_event
 from baton.v1 import embedder_pb2, embedder_pb2_grpc
+from services.embedder.backends import load_model
 from services.embedder.core import BulkGate, EmbedderCore, NoGate, ServiceLimits
 from services.embedder.http import EmbeddedHttpServer, create_app
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.model import DEFAULT_MODEL_ID, LoadOptions, load_model
+from services.embedder.model import DEFAULT_MODEL_ID, LoadOptions
 from services.embedder.servicer import EmbedderServicer
 from services.embedder.settings import MINILM, EmbedderSettings
 

@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from baton.runtime.errors import PayloadTooLarge
+from services.embedder.backends import load_model
 from services.embedder.core import EmbedderCore, EmbedOptions, ServiceLimits
 from services.embedder.e5_model import E5_PROMPTS, E5Model, bundled_model_file
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.model import LoadOptions, load_model
+from services.embedder.model import LoadOptions
 from services.embedder.settings import EmbedderSettings
 from tests.conftest import REPO_ROOT
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from baton.runtime.errors import InvalidArgument
-from services.embedder.model import EmbeddingModel, LoadOptions, card_languages, choose_backend, load_model
+from services.embedder.backends import choose_backend, load_model
+from services.embedder.model import EmbeddingModel, LoadOptions, card_languages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
