@@ -202,6 +202,35 @@ def train_phrase_adapter(
     )
 
 
+def random_adapter(
+    model_path: Path,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    rank: int = 8,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+) -> Path:
+    """A seeded LoRA adapter of any local model, its A and B matrices random (peft starts B at zero, which would
+    change nothing): for tests and benchmarks of the serving path on real models, where training one would take
+    minutes. Written once into ``out_dir`` (kept if already there); returns ``out_dir``."""
+    if (out_dir / "adapter_model.safetensors").is_file():
+        return out_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
 def greedy_chat(model_path: Path, prompt: str, *, adapter_dir: Path | None = None, max_new_tokens: int = 32) -> str:
     """The reference answer: greedy decoding of one user message with transformers (+ peft when ``adapter_dir``),
     float32 on the CPU; special tokens are dropped from the text."""

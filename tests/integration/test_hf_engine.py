@@ -1,8 +1,9 @@
 """What only the hf engine (transformers + peft) does, driven directly on the tiny Qwen3 and its phrase adapters.
 
-Its own scheduler (round-robin over per-request KV caches, at most ``max_concurrent_requests`` active, the rest
-FIFO), its prompt checks, peft's adapter wrapping and its start failures. What both engines must do alike — exact
-greedy outputs, adapters, aborts, stop conditions, sampling, sleep and wake — is in ``test_engine_conformance.py``.
+Its own scheduler (newcomers prefilled alone, then one batched forward per step for every running request, at most
+``max_concurrent_requests`` active, the rest FIFO), its prompt checks, peft's adapter wrapping and its start
+failures. What both engines must do alike — exact greedy outputs, adapters, aborts, stop conditions, sampling,
+sleep and wake — is in ``test_engine_conformance.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +41,40 @@ async def test_a_newcomer_gets_its_first_token_while_a_long_request_runs(engine:
     short = await run(engine, ids, max_tokens=3, request_id="short")
     long = await long_run
     assert len(long.token_ids) == 300 and long.finish_reason == "length"
-    assert short.done_at < long.done_at  # round-robin: the short one did not wait for the long one
+    assert short.done_at < long.done_at  # the short one did not wait for the long one
+
+
+async def test_concurrent_requests_decode_in_one_forward_per_step_and_equal_their_single_output(
+    tiny_llm: Path, adapter_registry: AdapterRegistry
+) -> None:
+    """Prompts of different lengths (so rows are padded), the base model and both adapters in one batch (peft's
+    per-row adapters): each output equals the request's own, and a step is one forward for all, not one each."""
+    async with started(HfEngine(make_config(tiny_llm)), adapter_registry) as engine:
+        adapters = [None, slot(adapter_registry, 1, "phrase-a"), slot(adapter_registry, 2, "phrase-b"), None]
+        requests = list(zip((prompt_ids(tiny_llm, prompt) for prompt in CHAT_PROMPTS[:4]), adapters, strict=True))
+        assert len({len(ids) for ids, _ in requests}) > 1
+        sampling: dict[str, Any] = {"max_tokens": 24, "ignore_eos": True}
+        singles = [await run(engine, ids, adapter, **sampling) for ids, adapter in requests]
+        forwards = count_forwards(engine)
+        together = await asyncio.gather(
+            *(run(engine, ids, adapter, request_id=f"b{i}", **sampling) for i, (ids, adapter) in enumerate(requests))
+        )
+        assert [out.token_ids for out in together] == [out.token_ids for out in singles]
+        assert [out.text for out in together] == [out.text for out in singles]
+        # 4 prefills, then one decode forward per step (a request that arrived a round late adds a few).
+        assert len(forwards) <= 4 + 24 + 4 < 4 * 24, forwards
+        assert max(forwards) == 4, forwards  # every request in the same forward
+
+
+def count_forwards(engine: HfEngine) -> list[int]:
+    """The batch size of every forward the engine's model runs from now on."""
+    sizes: list[int] = []
+
+    def record(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sizes.append(len(kwargs["input_ids"]))
+
+    engine._model.register_forward_pre_hook(record, with_kwargs=True)
+    return sizes
 
 
 async def test_requests_beyond_max_concurrent_wait_their_turn(tiny_llm: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from baton.models import tiny
 from services.inference.engine import AdapterSlot, InferenceEngine
 from tests.fixtures.models import GEMMA3, SMOLLM2, prepared_model
 from tests.integration.engine_helpers import make_config, run, tokenizer
@@ -48,18 +48,7 @@ def model_ids(name: str, prompt: str) -> list[int]:
 @functools.cache
 def random_adapter(name: str, folder: Path) -> Path:
     """A seeded LoRA with non-zero B matrices (peft initialises B to zero, which would change nothing)."""
-    if (folder / "adapter_model.safetensors").is_file():
-        return folder
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(prepared_model(name)), dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=ADAPTER_TARGETS, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for parameter_name, parameter in peft_model.named_parameters():
-            if "lora_" in parameter_name:
-                parameter.copy_(torch.randn_like(parameter) * 0.05)
-    peft_model.save_pretrained(str(folder))
-    return folder
+    return tiny.random_adapter(prepared_model(name), folder, seed=0, rank=8, target_modules=ADAPTER_TARGETS)
 
 
 @functools.cache

@@ -1,14 +1,16 @@
 """The transformers + peft engine: small models, machines without vLLM, and the CPU test suite.
 
 All torch work runs on ONE worker thread, so the event loop never blocks and peft's adapter state (which adapter
-is active, which are loaded) is only ever touched from one thread. The worker runs a scheduler loop: every active
-request has its own KV cache (``DynamicCache``) and, round after round, each advances by one token. Concurrent
-streams therefore all progress, and a newcomer's first token waits for at most one round, not for the requests
-ahead of it to finish. At most ``max_concurrent_requests`` requests are active; the others wait in FIFO order.
+is active, which are loaded) is only ever touched from one thread. The worker runs a scheduler loop of rounds: a
+newcomer is prefilled alone (its first token comes within one round, not after the requests ahead of it), then joins
+the decode batch, where ONE forward pass advances every running request by a token (``hf_batch``: the KV caches held
+as one left-padded ``DynamicCache``). At most ``max_concurrent_requests`` requests are active; the others wait in
+FIFO order.
 
 Adapters are peft LoRA adapters named ``str(slot_id)``; the model is wrapped in a ``PeftModel`` when the first
 adapter arrives. Loading and removing one runs on the worker between two rounds, never in the middle of a forward
-pass. Requests are grouped by adapter within a round, so ``set_adapter`` / ``disable_adapter`` run once per group.
+pass. A batch whose rows all use one adapter (or none) switches to it once; a batch that mixes them runs as one
+forward with peft's per-row ``adapter_names`` (``__base__`` for the base model).
 
 Sleep (``yield_method`` "offload"): on CUDA the weights move to host memory and back; on CPU the model is freed and
 loaded again from disk on wake, with every added adapter, so the wake path is exercised by the CPU tests too.
@@ -25,10 +27,11 @@ import inspect
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ from services.inference.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from services.inference.engines.hf_batch import DecodeBatch
 from services.inference.engines.text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _STOP = object()  # the worker's shutdown sentinel
+_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -84,7 +89,8 @@ class _Sequence:
     stops: StopMatcher
     eos_ids: frozenset[int]
     output: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None
+    cache: DynamicCache | None = None  # the prompt's cache until the sequence joins a decode batch
+    batch: DecodeBatch | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # prompt + output tokens, for the repetition penalty
     counts: torch.Tensor | None = None  # output token counts, for the presence and frequency penalties
@@ -121,6 +127,7 @@ class HfEngine:
         self._asleep = False
         self._active: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
+        self._batches: list[DecodeBatch] = []  # the shared batch first; rows that outgrew a sliding window after it
         self._rng = random.Random(config.seed)
 
     # ---------------------------------------------------------------------------------------------- protocol
@@ -235,6 +242,7 @@ class HfEngine:
                     self._fail(sequence, _internal(error))
                 self._active.clear()
                 self._waiting.clear()
+                self._batches.clear()
         self._stop()
 
     def _drain_inbox(self, *, block: bool) -> bool:
@@ -272,22 +280,99 @@ class HfEngine:
             self._active.append(sequence)
 
     def _round(self) -> None:
-        """One token for every active request, grouped by adapter so each adapter is switched to once."""
+        """Prefill the newcomers (grouped by adapter), then one decode step per batch, then the newcomers join."""
+        newcomers = [sequence for sequence in self._active if sequence.batch is None]
         groups: dict[int | None, list[_Sequence]] = {}
-        for sequence in self._active:
+        for sequence in newcomers:
             groups.setdefault(sequence.slot_id, []).append(sequence)
         for slot_id, sequences in groups.items():
             try:
                 with self._use_adapter(slot_id), torch.inference_mode():
                     for sequence in sequences:
-                        self._step_or_fail(sequence)
+                        self._prefill_or_fail(sequence)
             except Exception as error:  # switching adapters failed: this group fails, the others go on
-                if not isinstance(error, BatonError):
-                    log.exception("inference.hf.adapter_switch_failed")
-                for sequence in sequences:
-                    if not sequence.finished:
-                        self._fail(sequence, _internal(error))
+                self._fail_all(sequences, error, "inference.hf.adapter_switch_failed")
+        for batch in list(self._batches):
+            self._decode(batch)
+        for sequence in newcomers:
+            if not sequence.finished:
+                self._join(sequence)
         self._active = [sequence for sequence in self._active if not sequence.finished]
+
+    def _join(self, sequence: _Sequence) -> None:
+        """A prefilled sequence joins the shared batch (or starts one, or decodes alone if it cannot share)."""
+        assert sequence.cache is not None
+        alone = DecodeBatch.of_one(sequence, sequence.cache, len(sequence.request.prompt_token_ids))
+        sequence.cache = None
+        shared = self._batches[0] if self._batches else None
+        if shared is not None and shared.can_take(alone, self.config.max_concurrent_requests):
+            shared.merge(alone)
+            sequence.batch = shared
+        else:
+            self._batches.insert(0 if alone.shared else len(self._batches), alone)
+            sequence.batch = alone
+
+    def _decode(self, batch: DecodeBatch) -> None:
+        """One token for every row of ``batch`` in one forward pass."""
+        for index in batch.outgrown():  # about to reach a sliding window: on its own from now on
+            alone = batch.split_off(index)
+            alone.rows[0].batch = alone
+            self._batches.append(alone)
+        self._keep_rows(batch, lambda row: row.batch is batch and not row.aborted and self._adapter_ready(row))
+        if not batch.rows:
+            return
+        try:
+            with self._batch_adapters(batch) as adapter_kwargs, torch.inference_mode():
+                outputs = self._model(
+                    **batch.step_inputs([row.output[-1] for row in batch.rows]),
+                    past_key_values=batch.cache,
+                    use_cache=True,
+                    **self._forward_kwargs,
+                    **adapter_kwargs,
+                )
+        except Exception as error:  # the forward failed: this batch's requests end, the others go on
+            self._fail_all(batch.rows, error, "inference.hf.step_failed")
+            self._batches.remove(batch)
+            return
+        batch.stepped()
+        logits = outputs.logits[:, -1].float()  # like generate(): sample in float32 whatever the weights are
+        with torch.inference_mode():  # the penalties' per-request tensors are inference tensors
+            for index, row in enumerate(batch.rows):
+                self._token_or_fail(row, logits[index])
+        self._keep_rows(batch, lambda row: not row.finished)
+
+    def _keep_rows(self, batch: DecodeBatch, keep: Callable[[_Sequence], bool]) -> None:
+        for row in batch.rows:
+            if row.aborted and not row.finished:
+                row.finished = True
+        batch.keep([index for index, row in enumerate(batch.rows) if keep(row)])
+        if not batch.rows:
+            self._batches.remove(batch)
+
+    def _adapter_ready(self, sequence: _Sequence) -> bool:
+        """False (and the request failed) when its adapter was removed while it ran."""
+        slot_id = sequence.slot_id
+        if slot_id is None or slot_id in self._resident:
+            return True
+        self._fail(sequence, _adapter_not_loaded(slot_id))
+        return False
+
+    def _batch_adapters(self, batch: DecodeBatch) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """One adapter for the whole batch: switch to it. Several: peft applies each row's own in one forward."""
+        slots = {row.slot_id for row in batch.rows}
+        if len(slots) == 1:
+            return _with_kwargs(self._use_adapter(next(iter(slots))), {})
+        assert self._peft is not None  # rows with adapters exist only once peft wraps the model
+        names = [_BASE if row.slot_id is None else str(row.slot_id) for row in batch.rows]
+        # The PeftModel's hooks hand each LoRA layer the per-row names for the duration of the forward.
+        return _peft_mixed_batch(self._peft, names)
+
+    def _fail_all(self, sequences: list[_Sequence], error: Exception, event: str) -> None:
+        if not isinstance(error, BatonError):
+            log.exception(event)
+        for sequence in sequences:
+            if not sequence.finished:
+                self._fail(sequence, _internal(error))
 
     def _use_adapter(self, slot_id: int | None) -> contextlib.AbstractContextManager[Any]:
         if slot_id is None:
@@ -301,32 +386,32 @@ class HfEngine:
             return self._peft.disable_adapter()
         name = str(slot_id)
         if self._peft is None or slot_id not in self._resident:
-            raise NotFound(
-                f"adapter slot {slot_id} is not loaded in the hf engine: load the adapter again",
-                reason="ADAPTER_NOT_LOADED",
-            )
+            raise _adapter_not_loaded(slot_id)
         if self._peft.active_adapter != name:
             self._peft.set_adapter(name, inference_mode=True)
         return contextlib.nullcontext()
 
-    def _step_or_fail(self, sequence: _Sequence) -> None:
+    def _prefill_or_fail(self, sequence: _Sequence) -> None:
         if sequence.aborted:
             sequence.finished = True
-            sequence.cache = None
             return
         try:
-            self._step(sequence)
-        except BatonError as error:
-            self._fail(sequence, error)
+            self._prefill(sequence)
         except Exception as error:  # a torch error must end this request, not the worker
-            log.exception("inference.hf.step_failed")
-            self._fail(sequence, _internal(error))
+            self._fail_all([sequence], error, "inference.hf.step_failed")
+
+    def _token_or_fail(self, sequence: _Sequence, logits: torch.Tensor) -> None:
+        try:
+            self._take_token(sequence, logits)
+        except Exception as error:
+            self._fail_all([sequence], error, "inference.hf.step_failed")
 
     def _stop(self) -> None:
         for sequence in [*self._active, *self._waiting]:
             self._fail(sequence, Unavailable("the hf engine shut down: send the request again", retry_after_s=1.0))
         self._active.clear()
         self._waiting.clear()
+        self._batches.clear()
         self._free_model()
         # Anything submitted while stopping gets an answer instead of hanging.
         with contextlib.suppress(queue.Empty):
@@ -339,17 +424,18 @@ class HfEngine:
 
     # ---------------------------------------------------------------------------------------------- one token
 
-    def _step(self, sequence: _Sequence) -> None:
-        request = sequence.request
-        if sequence.cache is None:  # the first step is the prefill of the whole prompt
-            sequence.cache = DynamicCache(config=self._model.config)
-            input_ids = torch.tensor([request.prompt_token_ids], device=self._device)
-        else:
-            input_ids = torch.tensor([[sequence.output[-1]]], device=self._device)
+    def _prefill(self, sequence: _Sequence) -> None:
+        """The whole prompt in one forward pass, alone: its cache, then its first token."""
+        sequence.cache = DynamicCache(config=self._model.config)
+        input_ids = torch.tensor([sequence.request.prompt_token_ids], device=self._device)
         outputs = self._model(
             input_ids=input_ids, past_key_values=sequence.cache, use_cache=True, **self._forward_kwargs
         )
-        logits = outputs.logits[0, -1].float()  # like generate(): sample in float32 whatever the weights are
+        self._take_token(sequence, outputs.logits[0, -1].float())
+
+    def _take_token(self, sequence: _Sequence, logits: torch.Tensor) -> None:
+        """Choose the next token from these logits, record it, and send it on."""
+        request = sequence.request
         token = self._choose(sequence, logits)
         delta = EngineDelta(token_ids=[token])
         if request.sampling.logprobs is not None:
@@ -518,6 +604,7 @@ class HfEngine:
         self._waiting = deque(sequence for sequence in self._waiting if not sequence.aborted)
         if self._active or self._waiting:
             raise FailedPrecondition("the hf engine cannot sleep while requests run: drain them first")
+        self._batches.clear()  # only aborted rows can be left in them
         started = time.perf_counter()
         if self._device.type == "cuda":
             self._model.to("cpu")  # the LoRA layers are submodules: they move with it
@@ -597,7 +684,7 @@ class HfEngine:
             self._peft = PeftModel(self._model, config, adapter_name=name)
         result = self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         # Keys that do not fit leave parts of the adapter at their initial values: a silently wrong adapter.
-        missing = [key for key in result.missing_keys if f".{name}." in key]
+        missing = adapter_keys(result.missing_keys, name)
         if missing or result.unexpected_keys:
             raise ValueError(
                 f"the weights do not match the adapter's modules (missing {missing[:3]}, "
@@ -624,6 +711,36 @@ class HfEngine:
             configs.pop(name, None)
             if not configs:
                 del self._model.peft_config
+
+
+def _adapter_not_loaded(slot_id: int) -> NotFound:
+    return NotFound(
+        f"adapter slot {slot_id} is not loaded in the hf engine: load the adapter again", reason="ADAPTER_NOT_LOADED"
+    )
+
+
+@contextlib.contextmanager
+def _with_kwargs(context: contextlib.AbstractContextManager[Any], kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    with context:
+        yield kwargs
+
+
+@contextlib.contextmanager
+def _peft_mixed_batch(peft: PeftModel, names: list[str]) -> Iterator[dict[str, Any]]:
+    # What PeftModel.forward does with ``adapter_names``, around the plain model's forward (called with the cache
+    # and position ids as given, which PeftModelForCausalLM.forward would re-derive).
+    with peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+        yield {}
+
+
+def adapter_keys(keys: Iterable[str], name: str) -> list[str]:
+    """The state-dict keys of adapter ``name`` among ``keys`` (peft lists every adapter's as missing on a load).
+
+    "…layers.2.self_attn.q_proj.lora_A.1.weight" belongs to adapter "1", not "2": the name is the part right after
+    a ``lora_*`` part, never a layer index.
+    """
+    pattern = re.compile(rf"\.lora_[A-Za-z_]+\.{re.escape(name)}(\.|$)")
+    return [key for key in keys if pattern.search(key)]
 
 
 def _internal(error: BaseException) -> BatonError:

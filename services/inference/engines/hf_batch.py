@@ -1,0 +1,157 @@
+"""Decode batches for the hf engine: many sequences' KV caches held as one, one forward per step for all of them.
+
+The design is TGI's first one (``CausalLMBatch.concatenate`` / ``filter``), on transformers' own ``DynamicCache``: a
+request is prefilled alone, then its cache joins the running batch. Caches of different lengths are left-padded to
+the longest and concatenated along the batch dimension; a finished row is dropped, and the columns only padding
+used are trimmed away, so the batch is always as long as its longest row. The 2-D attention mask hides the padding
+and ``position_ids`` carry each row's true position, so every row computes what it would alone (up to float
+rounding in the batched matrix products).
+
+transformers' continuous batching (``generate_batch``, paged attention) was read and not used: one sampling config
+per manager, no per-request seeds, penalties, stop strings or top-k logprobs, and no LoRA per request — all of which
+the engine contract needs.
+
+Sliding-window layers (Gemma 3) keep only the last ``window - 1`` positions. While a row is shorter than that their
+cache is an ordinary one and can be padded like the others; a row about to reach it leaves the shared batch and goes
+on alone, where transformers' own window bookkeeping applies unchanged. Cache layers of any other kind are never
+padded: such a model decodes each request on its own, as before batching.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+NO_WINDOW = 1 << 62  # "the cache has no sliding window": any length fits
+
+
+def cache_window(cache: DynamicCache) -> int:
+    """The longest a row may grow in a shared batch: NO_WINDOW, a sliding window's limit, or 0 (never share)."""
+    window = NO_WINDOW
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            # After a step the layer would hold length + 1 positions; more than window - 1 and it crops.
+            window = min(window, layer.sliding_window - 2)
+        elif type(layer) is not DynamicLayer:
+            return 0
+    return window
+
+
+@dataclass(eq=False)
+class DecodeBatch:
+    """Rows decoding together. ``rows`` are the engine's sequences; the rest is what the forward pass needs."""
+
+    rows: list[Any]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, length]: 1 for a real position, 0 for left padding
+    positions: list[int]  # each row's true length = the position of the token it feeds next
+    window: int  # see cache_window
+    shared: bool = True  # False once a row outgrew the window: it decodes alone from then on
+
+    @classmethod
+    def of_one(cls, row: Any, cache: DynamicCache, length: int) -> DecodeBatch:
+        window = cache_window(cache)
+        mask = torch.ones((1, length), dtype=torch.long, device=_device(cache))
+        return cls([row], cache, mask, [length], window, shared=length <= window)
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def can_take(self, other: DecodeBatch, limit: int) -> bool:
+        return self.shared and other.shared and len(self.rows) + len(other.rows) <= limit
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Take ``other``'s rows: both left-padded to the longer, then concatenated."""
+        length = max(self.length, other.length)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
+            _sync_window_length(mine)
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(other.mask, length, dim=1)])
+        self.rows += other.rows
+        self.positions += other.positions
+        self.window = min(self.window, other.window)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows, then trim the leading columns that no kept row uses."""
+        if indices == list(range(len(self.rows))):
+            return
+        if not indices:
+            self.rows, self.positions = [], []  # the engine drops an empty batch
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.shape[1] - mask.sum(dim=1).max())  # the longest kept row has no padding
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+            _sync_window_length(layer)
+        self.rows = [self.rows[i] for i in indices]
+        self.positions = [self.positions[i] for i in indices]
+
+    def split_off(self, index: int) -> DecodeBatch:
+        """Row ``index`` as a batch of its own, its padding stripped (the row stays here too: ``keep`` drops it)."""
+        pad = self.length - self.positions[index]
+        cache = copy.copy(self.cache)  # the same kind of cache (its flags), with layers of its own
+        cache.layers = []
+        for layer in self.cache.layers:
+            alone = copy.copy(layer)
+            alone.keys = layer.keys[index : index + 1, :, pad:].clone()
+            alone.values = layer.values[index : index + 1, :, pad:].clone()
+            _sync_window_length(alone)
+            cache.layers.append(alone)
+        mask = torch.ones((1, self.positions[index]), dtype=torch.long, device=self.mask.device)
+        return DecodeBatch([self.rows[index]], cache, mask, [self.positions[index]], self.window, shared=False)
+
+    def step_inputs(self, last_tokens: list[int]) -> dict[str, torch.Tensor]:
+        """The forward's inputs for one new token per row. One unpadded row needs no mask: the plain path."""
+        device = self.mask.device
+        input_ids = torch.tensor([[token] for token in last_tokens], device=device)
+        if len(self.rows) == 1 and self.positions[0] == self.length:
+            return {"input_ids": input_ids}
+        position_ids = torch.tensor([[position] for position in self.positions], device=device)
+        return {"input_ids": input_ids, "attention_mask": self._grown_mask(), "position_ids": position_ids}
+
+    def stepped(self) -> None:
+        """Every row fed one token: the cache grew by one column."""
+        self.mask = self._grown_mask()
+        self.positions = [position + 1 for position in self.positions]
+
+    def _grown_mask(self) -> torch.Tensor:
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        return torch.cat([self.mask, ones], dim=1)
+
+    def outgrown(self) -> list[int]:
+        """Rows of a shared batch that the next step would take past the sliding window."""
+        if not self.shared:
+            return []
+        return [index for index, position in enumerate(self.positions) if position > self.window]
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+
+
+def _sync_window_length(layer: Any) -> None:
+    # A sliding layer shorter than its window counts its positions in ``cumulative_length``: padding included now.
+    if type(layer) is DynamicSlidingWindowLayer:
+        layer.cumulative_length = int(layer.keys.shape[-2])
+
+
+def _device(cache: DynamicCache) -> torch.device:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            return layer.keys.device
+    return torch.device("cpu")
