@@ -64,7 +64,15 @@ from baton.store.embedded_sql import (
 )
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
 from baton.store.locks import ReadWriteLock, acquire_directory_lock
-from baton.store.validation import check_chunks, check_dimensions, check_name, check_query, metadata_json, unit_vector
+from baton.store.validation import (
+    check_chunks,
+    check_dimensions,
+    check_name,
+    check_query,
+    metadata_json,
+    query_vector,
+    unit_vector,
+)
 from baton.store.vector_index import IndexParams, TenantIndex, VectorHits
 
 log = logging.getLogger(__name__)
@@ -384,15 +392,8 @@ class EmbeddedStore:
     # --- searching -----------------------------------------------------------------------------------------------
 
     def _query_vector(self, query: StoreQuery) -> np.ndarray | None:
-        if query.mode is SearchMode.BM25:
-            return None
-        if query.vector is None:
-            raise InvalidArgument(
-                f"{query.mode.value} search needs the query's vector; embed the query, or use mode=bm25",
-                reason="VECTOR_REQUIRED",
-            )
-        vector = unit_vector(query.vector, "the query vector")
-        if self._dim is not None and vector.size != self._dim:
+        vector = query_vector(query)
+        if vector is not None and self._dim is not None and vector.size != self._dim:
             raise InvalidArgument(
                 f"the query vector has {vector.size} dimensions; this store holds {self._dim}-dimensional vectors",
                 reason="DIMENSION_MISMATCH",

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from baton.runtime.errors import InvalidArgument
-from baton.store.base import ChunkRecord, MetadataValue, StoreQuery
+from baton.store.base import ChunkRecord, MetadataValue, SearchMode, StoreQuery
 
 
 def check_chunks(tenant: str, document_id: str, chunks: Sequence[ChunkRecord]) -> None:
@@ -66,6 +66,18 @@ def unit_vector(vector: object, what: str) -> np.ndarray:
     if not math.isfinite(norm) or norm == 0.0:
         raise InvalidArgument(f"{what}: the vector is zero or not finite", reason="BAD_VECTOR")
     return (array / norm).astype(np.float32)
+
+
+def query_vector(query: StoreQuery) -> np.ndarray | None:
+    """The query's unit vector; None for a BM25 search, which needs none."""
+    if query.mode is SearchMode.BM25:
+        return None
+    if query.vector is None:
+        raise InvalidArgument(
+            f"{query.mode.value} search needs the query's vector; embed the query, or use mode=bm25",
+            reason="VECTOR_REQUIRED",
+        )
+    return unit_vector(query.vector, "the query vector")
 
 
 def metadata_json(chunk_id: str, metadata: Mapping[str, MetadataValue]) -> str:

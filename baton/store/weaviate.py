@@ -67,7 +67,15 @@ from baton.runtime.errors import BatonError, InvalidArgument, Unavailable, Upstr
 from baton.store.analysis import detect_language, index_text, query_terms
 from baton.store.base import ChunkRecord, Filters, Hit, SearchMode, StoreQuery
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
-from baton.store.validation import check_chunks, check_dimensions, check_name, check_query, metadata_json, unit_vector
+from baton.store.validation import (
+    check_chunks,
+    check_dimensions,
+    check_name,
+    check_query,
+    metadata_json,
+    query_vector,
+    unit_vector,
+)
 from baton.store.weaviate_client import (
     CHUNKS_DESCRIPTION,
     MODEL_MARK,
@@ -197,7 +205,7 @@ class WeaviateStore:
 
     def search(self, query: StoreQuery) -> list[Hit]:
         check_query(query)
-        vector = _query_vector(query)
+        vector = query_vector(query)
         with self._errors("search"):
             self._check_open()
             name = self._existing_tenant(query.tenant)
@@ -614,17 +622,6 @@ def _document_ids(chunks_of: Collection, where: _Filters | None) -> set[str]:
         filters=where, group_by=wvc.aggregate.GroupByAggregate(prop="document_id", limit=2**31 - 1), total_count=True
     )
     return {str(group.grouped_by.value) for group in groups.groups}
-
-
-def _query_vector(query: StoreQuery) -> np.ndarray | None:
-    if query.mode is SearchMode.BM25:
-        return None
-    if query.vector is None:
-        raise InvalidArgument(
-            f"{query.mode.value} search needs the query's vector; embed the query, or use mode=bm25",
-            reason="VECTOR_REQUIRED",
-        )
-    return unit_vector(query.vector, "the query vector")
 
 
 def _candidate(properties: Mapping[str, Any], vector: np.ndarray | None) -> Candidate:
