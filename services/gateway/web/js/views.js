@@ -90,7 +90,12 @@ function onEvent(mine, type, event) {
   if (type === "eval" && p.eval_loss !== undefined) mine.evalLoss.push([p.step || 0, p.eval_loss]);
   if (type === "error") { $("#train-error").textContent = event.error; return; }
   mine.job = { ...mine.job, state: event.state || mine.job.state, progress: { ...mine.job.progress, ...p } };
-  if (event.adapter) mine.job.adapter = event.adapter;
+  if (event.adapter) {
+    mine.job.adapter = event.adapter;
+    // The base model's eval loss, measured before the first step, starts the eval curve at step 0.
+    const before = event.adapter.eval_loss_before;
+    if (before !== undefined && !mine.evalLoss.some(([step]) => step === 0)) mine.evalLoss.unshift([0, before]);
+  }
   if (follow === mine) draw();
 }
 
