@@ -207,6 +207,7 @@ def test_the_web_page_end_to_end(stack: Stack, browser: Browser, tmp_path: Path)
     overhead_ms = first_token_overhead(page, stack)
     stop_aborts_generation(page, stack)
     views_train_with_a_live_plot(page)
+    gpu_history_api(stack)
     admin_manages_users(page, stack)
     russian_by_browser_language(browser, url)
     context.close()
@@ -337,6 +338,18 @@ def views_train_with_a_live_plot(page: Page) -> None:
     page.click("#nav a[data-page=gpu]")
     page.wait_for_selector("#gpu-timeline rect.bar.training")  # the job's lease, on the last hour's timeline
     shot(page, "gpu")
+
+
+def gpu_history_api(stack: Stack) -> None:
+    """The timeline's JSON (a route of the OpenAPI document): the finished job's lease, released, and serving."""
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    url = f"{stack.ports.gateway_url}/v1/gpu/history"
+    body = httpx.get(url, params={"window_s": 3600}, headers=headers).json()
+    kinds = {(i["kind"], i["end"]) for i in body["intervals"]}
+    assert ("training", "released") in kinds and any(kind == "serving" for kind, _ in kinds), body
+    assert all(i["job_id"] for i in body["intervals"] if i["kind"] == "training")  # the tenant's own job
+    assert httpx.get(url, params={"window_s": 0}, headers=headers).status_code == 422
+    assert "/v1/gpu/history" in httpx.get(f"{stack.ports.gateway_url}/openapi.json").json()["paths"]
 
 
 def admin_manages_users(page: Page, stack: Stack) -> None:
