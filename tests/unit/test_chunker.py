@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from baton.runtime.errors import InvalidArgument, UpstreamFailed
+from services.gateway.ingest.chunker import _SENTENCE_END as SENTENCE_END_RE
 from services.gateway.ingest.chunker import (
     ChunkingConfig,
     ResolvedChunking,
@@ -101,6 +102,23 @@ def test_abbreviations_and_lower_case_continuations_are_not_sentence_ends() -> N
     sentence = "Гегель называл историю прогрессом в сознании свободы, т. е. её развитием во времени."
     chunks = chunk([Section(" ".join([sentence] * 6))], size=160, overlap=0)
     assert all(piece.text.endswith("во времени.") and piece.text.startswith("Гегель") for piece in chunks)
+
+
+def test_an_abbreviation_before_a_quoted_lowercase_word_is_not_a_sentence_end() -> None:
+    """Hypothesis found it: "т.е. «цитата»" was cut after "т.е." although the sentence fitted a chunk."""
+    quoted = "Свобода свобода свобода свобода т.е. «цитата»."
+    text = " ".join(["Свобода.", "Свобода" + " свобода" * 17 + ".", quoted, "Свобода."])
+    chunks = chunk([Section(text)], size=57, overlap=0)
+    assert any(quoted in piece.text for piece in chunks), [piece.text for piece in chunks]
+
+
+@pytest.mark.parametrize(
+    ("text", "ends"),
+    [("т.е. X-ray", False), ("Т.е. Кант", False), ("e.g. Paris", False), ("Kant vs. Hegel", False),
+     ("и т.д. Потом", True), ("Он ушёл. Она", True), ("Конец. «Цитата»", True), ("Конец.» Начало", True)],
+)  # fmt: skip
+def test_sentence_ends_after_abbreviations(text: str, ends: bool) -> None:
+    assert bool(SENTENCE_END_RE.search(text)) is ends
 
 
 def test_paragraph_breaks_win_over_fuller_chunks() -> None:
@@ -220,7 +238,9 @@ def sentences(draw: st.DrawFn) -> str:
     words = draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=30))
     commas = draw(st.lists(st.booleans(), min_size=len(words), max_size=len(words)))
     body = " ".join(w + ("," if comma else "") for w, comma in zip(words, commas, strict=True)).rstrip(",")
-    return body[0].upper() + body[1:] + draw(st.sampled_from(ENDINGS))
+    # A sentence starts with a capital letter, also behind an opening quote or bracket ("«Цитата» ...").
+    first = next(index for index, char in enumerate(body) if char.isalnum())
+    return body[:first] + body[first].upper() + body[first + 1 :] + draw(st.sampled_from(ENDINGS))
 
 
 @st.composite

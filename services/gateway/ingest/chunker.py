@@ -52,7 +52,13 @@ _MAX_REFIT_DEPTH = 10
 PARAGRAPH, SENTENCE, LINE, CLAUSE, WORD, TOKEN, NO_CUT = 6, 5, 4, 3, 2, 1, 0
 
 _PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
-_SENTENCE_END = re.compile(r"""[.!?…]+["'»”’)\]]*\s+(?![\sa-zß-ÿа-яё])""")
+# Not an end when the next word is lowercase, even behind an opening quote or bracket ("т.е. «цитата»", "e.g. (see"),
+# nor after an abbreviation that never ends a sentence, whatever follows ("т.е. X-ray"). "и т.д." and "etc." often do.
+_NEVER_FINAL = ("т.е", "т.к", "т.н", "напр", "e.g", "i.e", "cf", "vs")
+_SENTENCE_END = re.compile(
+    "".join(rf"(?<!\b(?i:{re.escape(abbreviation)}))" for abbreviation in _NEVER_FINAL)
+    + r"""[.!?…]+["'»”’)\]]*\s+(?![\sa-zß-ÿа-яё]|[«"“„'‘(\[][a-zß-ÿа-яё])"""
+)
 _LINE_BREAK = re.compile(r"\n\s*")
 _CLAUSE_END = re.compile(r"[,;:]\s+|\s[—–-]\s+")
 _BREAKS: tuple[tuple[int, re.Pattern[str]], ...] = (
