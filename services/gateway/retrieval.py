@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from services.gateway import metrics
 from services.gateway.ingest.pipeline import Embedder
 
 MAX_QUERY_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class SearchTimings:
+    embed_s: float  # the query's vector: the embedder's round trip, or a cache hit
+    store_s: float  # the store's search: BM25, vector, fusion, rows
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,10 @@ class Retriever:
         self._cache = query_cache if query_cache is not None else QueryVectorCache(0)
 
     async def search(self, request: SearchRequest) -> list[Hit]:
+        return (await self.search_timed(request))[0]
+
+    async def search_timed(self, request: SearchRequest) -> tuple[list[Hit], SearchTimings]:
+        """The hits and where the time went (chat reports it in ``baton.timings``; the benchmark reads it)."""
         query = request.query.strip()
         if not query:
             raise EmptyInput("the query is empty; ask something", reason="EMPTY_QUERY")
@@ -85,10 +96,12 @@ class Retriever:
         with metrics.SEARCH_SECONDS.labels(request.mode.value).time():
             return await self._search(request, query)
 
-    async def _search(self, request: SearchRequest, query: str) -> list[Hit]:
+    async def _search(self, request: SearchRequest, query: str) -> tuple[list[Hit], SearchTimings]:
+        started = time.perf_counter()
         vector = None
         if request.mode is not SearchMode.BM25:
             vector = await self._query_vector(query)
+        embedded = time.perf_counter()
         store_query = StoreQuery(
             tenant=request.tenant,
             text=query,
@@ -98,7 +111,8 @@ class Retriever:
             filters=dict(request.filters or {}),
             embedder_languages=self._languages,
         )
-        return await asyncio.to_thread(self._store.search, store_query)
+        hits = await asyncio.to_thread(self._store.search, store_query)
+        return hits, SearchTimings(embed_s=embedded - started, store_s=time.perf_counter() - embedded)
 
     async def _query_vector(self, query: str) -> np.ndarray:
         vector = self._cache.get(query)

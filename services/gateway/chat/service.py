@@ -28,7 +28,7 @@ from services.gateway.chat.citations import citations
 from services.gateway.chat.packing import PackedContext, SourcePolicy, TokenCounts, pack_context
 from services.gateway.chat.prompt import Prompt, PromptFormat, Turn, last_user_index, prompt_format
 from services.gateway.chat.protocol import MAX_STOP_STRINGS
-from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest
+from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest, SearchTimings
 
 # Info is static while the inference process lives; a short cache spares one RPC per chat yet notices a restart
 # with another model within seconds.
@@ -79,6 +79,7 @@ class PreparedChat:
     query: str = ""  # what memory was searched for (citations compare the answer with it)
     packed: PackedContext | None = None
     retrieve_s: float = 0.0
+    search_timings: SearchTimings | None = None
     pack_s: float = 0.0
 
     @property
@@ -90,6 +91,7 @@ class PreparedChat:
         timings: dict[str, float] = {
             "retrieve_s": round(self.retrieve_s, 6),
             "pack_s": round(self.pack_s, 6),
+            **self._search_parts(),
             "gateway_total_s": round(time.perf_counter() - self.call.arrived, 6),
         }
         if last is not None and last.HasField("timings"):
@@ -100,6 +102,10 @@ class PreparedChat:
             "rag": packed.stats() if packed is not None else None,
             "timings": timings,
         }
+
+    def _search_parts(self) -> dict[str, float]:
+        parts = self.search_timings
+        return {} if parts is None else {"embed_s": round(parts.embed_s, 6), "store_s": round(parts.store_s, 6)}
 
 
 class Generation:
@@ -219,7 +225,8 @@ class ChatService:
         prepared.query = query
         started = time.perf_counter()
         filters = {"collection": call.rag.collection} if call.rag.collection else {}
-        hits = await self._retriever.search(SearchRequest(call.tenant, query, call.rag.k, call.rag.mode, filters))
+        search = SearchRequest(call.tenant, query, call.rag.k, call.rag.mode, filters)
+        hits, prepared.search_timings = await self._retriever.search_timed(search)
         packing_started = time.perf_counter()
         counter = InferenceTokenCounter(self._inference, call.template_kwargs)
         max_tokens = call.sampling.get("max_tokens")
