@@ -69,6 +69,12 @@ class GatewaySettings(CommonSettings):
         description="Tokens kept free for the answer when packing sources and a request sets no max_tokens "
         "(at most half the context).",
     )
+    local_token_counts: bool = Field(
+        True,
+        description="Count tokens for packing with the served model's tokenizer loaded here, when the inference "
+        "service's model folder is readable on this machine and its tokenizer files hash alike (else, or when off, "
+        "ask the service: one or two RPCs per chat).",
+    )
     trainer_addr: str = Field(
         "127.0.0.1:50063", description="gRPC address of the trainer service (/v1/training/jobs, /v1/adapters)."
     )

@@ -81,7 +81,12 @@ class GatewayState:
         jobs = IngestJobs(catalog, pipeline)
         # Not awaited here: the gateway serves memory without the inference service; chat says 503 until it answers.
         inference = InferenceClient(settings.inference_addr)
-        chat = ChatService(inference, retriever, answer_tokens=settings.chat_answer_tokens)
+        chat = ChatService(
+            inference,
+            retriever,
+            answer_tokens=settings.chat_answer_tokens,
+            local_token_counts=settings.local_token_counts,
+        )
         state = cls(settings, catalog, store, embedder, pipeline, retriever, jobs, info.model_id, auth, inference, chat)
         state.open_training()
         return state

@@ -6,12 +6,16 @@ CountTokens counts, whichever engine runs (vLLM would otherwise render and token
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from google.protobuf import json_format
+
 from baton.runtime.errors import InvalidArgument
+from baton.v1 import inference_pb2
 
 Role = Literal["system", "user", "assistant"]
 
@@ -48,6 +52,7 @@ class PromptTokenizer:
         self.vocab_size = len(self.tokenizer)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.generation_defaults = _generation_defaults(model_path)
+        self.fingerprint = tokenizer_fingerprint(model_path)
 
     def render_chat(self, chat: ChatPrompt) -> str:
         if not self.has_chat_template:
@@ -94,6 +99,23 @@ class PromptTokenizer:
         return [self.tokenizer.decode([token_id]) for token_id in ids]
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def tokenizer_fingerprint(model_path: Path) -> str:
+    """sha256 over the tokenizer's files in ``model_path`` (names and bytes): two folders with the same fingerprint
+    tokenize and render chats alike. The gateway compares it before counting tokens with its own copy."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = model_path / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _turn_dict(turn: ChatTurn) -> dict[str, str]:
     message = {"role": turn.role, "content": turn.content}
     if turn.name:
@@ -109,3 +131,26 @@ def _generation_defaults(model_path: Path) -> dict[str, float]:
     config = json.loads(path.read_text(encoding="utf-8"))
     keys = ("temperature", "top_p", "top_k", "repetition_penalty")
     return {key: config[key] for key in keys if isinstance(config.get(key), int | float)}
+
+
+_ROLES: dict[int, Role] = {
+    inference_pb2.CHAT_ROLE_SYSTEM: "system",
+    inference_pb2.CHAT_ROLE_USER: "user",
+    inference_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+}
+
+
+def chat_prompt(chat: inference_pb2.ChatInput) -> ChatPrompt:
+    turns = []
+    for index, message in enumerate(chat.messages):
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise InvalidArgument(f"chat message {index} has no role (system, user or assistant)", reason="BAD_CHAT")
+        turns.append(ChatTurn(role, message.content, message.name))
+    kwargs = json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
+    return ChatPrompt(
+        messages=tuple(turns),
+        add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
+        continue_final_message=chat.continue_final_message,
+        template_kwargs=kwargs,
+    )

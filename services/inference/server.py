@@ -152,6 +152,7 @@ def info_response(
         yield_method=_YIELD_METHODS[engine.yield_method],
         vram_estimate_bytes=vram_bytes,
         version=__version__,
+        tokenizer_sha256=tokenizer.fingerprint,
     )
 
 

@@ -5,21 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import json_format
 
-from baton.runtime.errors import InvalidArgument, grpc_errors
+from baton.runtime.errors import grpc_errors
 from baton.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.core import AdapterEntry, GenerateCall, GenerationChunk, InferenceCore, SamplingInput
 from services.inference.lifecycle import ServiceState
-from services.inference.prompts import ChatPrompt, ChatTurn, Role
+from services.inference.prompts import chat_prompt
 
 pb = inference_pb2
 
-_ROLES: dict[int, Role] = {
-    pb.CHAT_ROLE_SYSTEM: "system",
-    pb.CHAT_ROLE_USER: "user",
-    pb.CHAT_ROLE_ASSISTANT: "assistant",
-}
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     "stop": pb.FINISH_REASON_STOP,
@@ -229,22 +223,6 @@ def sampling_input(sampling: pb.SamplingParams) -> SamplingInput:
         logprobs=optional("logprobs"),
         skip_special_tokens=optional("skip_special_tokens"),
     )  # type: ignore[arg-type]
-
-
-def chat_prompt(chat: pb.ChatInput) -> ChatPrompt:
-    turns = []
-    for index, message in enumerate(chat.messages):
-        role = _ROLES.get(message.role)
-        if role is None:
-            raise InvalidArgument(f"chat message {index} has no role (system, user or assistant)", reason="BAD_CHAT")
-        turns.append(ChatTurn(role, message.content, message.name))
-    kwargs = json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
-    return ChatPrompt(
-        messages=tuple(turns),
-        add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
-        continue_final_message=chat.continue_final_message,
-        template_kwargs=kwargs,
-    )
 
 
 def generate_response(chunk: GenerationChunk) -> pb.GenerateResponse:

@@ -176,6 +176,34 @@ def test_sync_chat_cites_the_document_that_holds_the_answer(chat_stack: ChatStac
     assert rag["packed"] == len(citations) and rag["prompt_tokens"] == usage.prompt_tokens, "the count is exact"
 
 
+def test_packing_counts_with_the_served_tokenizer_in_the_gateway_and_stays_exact(chat_stack: ChatStack) -> None:
+    """The gateway reads the inference service's model folder (same machine, same tokenizer hash): after the first
+    chat loads it, packing counts without CountTokens — and its count is still the engine's own."""
+    tenant = new_tenant()
+    upload(chat_stack, tenant, [("comets.md", ORBITS), ("bread.md", BREAD)])
+    client = chat_stack.client(tenant)
+    deadline = time.monotonic() + 60
+    while True:
+        completion = client.chat.completions.create(
+            model=chat_stack.base_model, messages=ask("What is a comet made of?"), max_tokens=4, temperature=0
+        )
+        rag = completion.baton["rag"]
+        assert rag["prompt_tokens"] == completion.usage.prompt_tokens, rag["token_counts"]
+        if rag["token_counts"] == "local":
+            break
+        assert rag["token_counts"] == "service" and time.monotonic() < deadline, "never counted locally"
+        time.sleep(0.5)
+    system = [{"role": "system", "content": "Answer in one word."}, *ask("How often does Halley's comet come back?")]
+    completion = client.chat.completions.create(
+        model=chat_stack.base_model,
+        messages=system,
+        max_tokens=4,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    rag = completion.baton["rag"]
+    assert (rag["token_counts"], rag["prompt_tokens"]) == ("local", completion.usage.prompt_tokens)
+
+
 def test_streaming_gives_the_same_answer_and_citations_in_the_last_chunk(chat_stack: ChatStack) -> None:
     tenant = new_tenant()
     ids = upload(chat_stack, tenant, [("garden.md", GARDEN), ("comets.md", ORBITS)])

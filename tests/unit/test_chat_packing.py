@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from baton.store.base import Hit
+from baton.v1 import inference_pb2 as pb
 from services.gateway.chat.citations import citations, cited_numbers
+from services.gateway.chat.local_tokens import LocalTokenCounter, TokenCounters
 from services.gateway.chat.packing import (
     Passage,
     SourcePolicy,
@@ -25,7 +27,7 @@ from services.gateway.chat.packing import (
     stems,
 )
 from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, Prompt, Turn
-from services.inference.prompts import ChatPrompt, ChatTurn, PromptTokenizer
+from services.inference.prompts import PromptTokenizer
 
 TOPICS = [
     ("Otters", "Sea otters hold hands while they sleep so that they do not drift apart"),
@@ -39,25 +41,20 @@ TOPICS = [
 ]
 
 
-class LocalCounter:
-    """CountTokens without the process: the same PromptTokenizer the inference service uses."""
+class LocalCounter(LocalTokenCounter):
+    """The gateway's local counter (the PromptTokenizer behind CountTokens, in this process), counting its calls."""
 
     def __init__(self, tokenizer: PromptTokenizer, max_model_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        super().__init__(tokenizer, max_model_len, None)
         self.calls = 0
 
     async def count(self, texts: Sequence[str], prompt: Prompt) -> TokenCounts:
         self.calls += 1
-        counts = self.tokenizer.count(list(texts), add_special_tokens=False)
-        return TokenCounts(counts, self.prompt_tokens(prompt), self.max_model_len)
+        return await super().count(texts, prompt)
 
     def prompt_tokens(self, prompt: Prompt) -> int:
         """A chat rendered with the template, or a completion text with special tokens: what Generate feeds."""
-        if isinstance(prompt, str):
-            return len(self.tokenizer.text_ids(prompt))
-        chat = ChatPrompt(tuple(ChatTurn(role, content) for role, content in prompt))  # type: ignore[arg-type]
-        return len(self.tokenizer.chat_ids(chat)[0])
+        return self.count_here([], prompt).prompt
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +289,27 @@ def test_valid_markers_win_and_invalid_ones_are_ignored() -> None:
     cites = citations(passages, "[7] Bees dance to show where flowers are.", "Why do bees dance?")
     assert [(c["cited"], c["cited_by"]) for c in cites] == [(False, None), (True, "content")], "[7] names no source"
     assert all(c["cited"] is None and c["cited_by"] is None for c in citations(passages))
+
+
+async def test_the_gateway_counts_locally_only_with_the_services_own_tokenizer(
+    tiny_llm: Path, tokenizer: PromptTokenizer
+) -> None:
+    async def settled(counters: TokenCounters, info: pb.InferenceInfoResponse) -> str:
+        """The counter's source once the background load (started by the first call) is over."""
+        counters.counter(info, None)
+        for _ in range(200):
+            if all(task.done() for task in counters._tokenizers.values()):
+                break
+            await asyncio.sleep(0.05)
+        return counters.counter(info, None).source
+
+    served = pb.InferenceInfoResponse(
+        model_path=str(tiny_llm), tokenizer_sha256=tokenizer.fingerprint, max_model_len=512
+    )
+    assert TokenCounters(None, local=True).counter(served, None).source == "service"  # type: ignore[arg-type]
+    assert await settled(TokenCounters(None, local=True), served) == "local"  # type: ignore[arg-type]
+    other = pb.InferenceInfoResponse(model_path=str(tiny_llm), tokenizer_sha256="0" * 64, max_model_len=512)
+    assert await settled(TokenCounters(None, local=True), other) == "service"  # type: ignore[arg-type]
+    assert await settled(TokenCounters(None, local=False), served) == "service"  # type: ignore[arg-type]
+    elsewhere = pb.InferenceInfoResponse(model_path="/nowhere", tokenizer_sha256=tokenizer.fingerprint)
+    assert await settled(TokenCounters(None, local=True), elsewhere) == "service"  # type: ignore[arg-type]

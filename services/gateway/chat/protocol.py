@@ -192,6 +192,10 @@ class RagStats(BaseModel):
     prompt_tokens: int | None
     reserved_tokens: int
     max_model_len: int
+    token_counts: Literal["local", "service"] = Field(
+        description="Who counted the tokens: the served model's tokenizer loaded in the gateway (same files, same "
+        "hash), or the inference service (CountTokens)."
+    )
 
 
 class BatonResult(BaseModel):

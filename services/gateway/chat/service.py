@@ -25,7 +25,8 @@ from baton.store.base import SearchMode
 from baton.v1 import inference_pb2 as pb
 from services.gateway.chat import metrics
 from services.gateway.chat.citations import citations
-from services.gateway.chat.packing import PackedContext, SourcePolicy, TokenCounts, pack_context
+from services.gateway.chat.local_tokens import TokenCounters
+from services.gateway.chat.packing import PackedContext, SourcePolicy, pack_context
 from services.gateway.chat.prompt import Prompt, PromptFormat, Turn, last_user_index, prompt_format
 from services.gateway.chat.protocol import MAX_STOP_STRINGS
 from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest, SearchTimings
@@ -81,6 +82,7 @@ class PreparedChat:
     retrieve_s: float = 0.0
     search_timings: SearchTimings | None = None
     pack_s: float = 0.0
+    token_counts: str = ""  # who counted the tokens for packing: "local" (this process) or "service" (CountTokens)
 
     @property
     def rag_used(self) -> bool:
@@ -99,7 +101,7 @@ class PreparedChat:
         packed = self.packed
         return {
             "citations": citations(packed.passages, answer, self.query) if packed is not None else [],
-            "rag": packed.stats() if packed is not None else None,
+            "rag": {**packed.stats(), "token_counts": self.token_counts} if packed is not None else None,
             "timings": timings,
         }
 
@@ -148,27 +150,6 @@ class Generation:
         await self._stream.aclose()  # type: ignore[attr-defined]  # cancels the RPC: the engine stops generating
 
 
-class InferenceTokenCounter:
-    """packing.TokenCounter over the inference service's CountTokens (its tokenizer and chat template)."""
-
-    def __init__(self, client: InferenceClient, template_kwargs: dict[str, Any] | None) -> None:
-        self._client = client
-        self._template_kwargs = template_kwargs
-
-    async def count(self, texts: Sequence[str], prompt: Prompt) -> TokenCounts:
-        if not isinstance(prompt, str):
-            response = await self._client.count_tokens(texts, chat=prompt, template_kwargs=self._template_kwargs)
-            return TokenCounts(list(response.token_counts), response.chat_tokens, response.max_model_len)
-        # A completion prompt is counted whole with the special tokens (BOS) Generate adds to a text prompt; the
-        # fragments without them: two calls, as one call takes one add_special_tokens for all its texts.
-        whole = self._client.count_tokens([prompt], add_special_tokens=True)
-        if not texts:
-            response = await whole
-            return TokenCounts([], response.token_counts[0], response.max_model_len)
-        fragments, response = await asyncio.gather(self._client.count_tokens(texts), whole)
-        return TokenCounts(list(fragments.token_counts), response.token_counts[0], response.max_model_len)
-
-
 class ChatService:
     def __init__(
         self,
@@ -177,8 +158,10 @@ class ChatService:
         *,
         answer_tokens: int,
         policy: SourcePolicy = DEFAULT_POLICY,
+        local_token_counts: bool = True,
     ) -> None:
         self._inference = inference
+        self._counters = TokenCounters(inference, local=local_token_counts)
         self._retriever = retriever
         self._answer_tokens = answer_tokens
         self._policy = policy
@@ -228,7 +211,8 @@ class ChatService:
         search = SearchRequest(call.tenant, query, call.rag.k, call.rag.mode, filters)
         hits, prepared.search_timings = await self._retriever.search_timed(search)
         packing_started = time.perf_counter()
-        counter = InferenceTokenCounter(self._inference, call.template_kwargs)
+        counter = self._counters.counter(info, call.template_kwargs)
+        prepared.token_counts = counter.source
         max_tokens = call.sampling.get("max_tokens")
         reserved = max_tokens or min(self._answer_tokens, info.max_model_len // 2)
         try:
