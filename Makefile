@@ -80,7 +80,11 @@ bench: setup $(STAMPS)/models-prepared  ## benchmarks, printed as tables of rati
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_retrieval.py --chunks 100000
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_inference.py --engines hf --model smollm2-135m-instruct --repeat 2 --rounds 2 --max-tokens 32
+	$(PY) benchmarks/bench_hf_engine.py
+	$(PY) benchmarks/bench_hf_engine.py --model smollm2-135m-instruct --repeat 2 --max-tokens 32
 	$(PY) benchmarks/bench_gateway.py --chunks 100000
+	$(PY) benchmarks/bench_gateway.py --chunks 100000 --embedder all-minilm-l6-v2
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_train.py --model smollm2-135m-instruct --steps 4 --repeat 2 --batch 1 --accumulation 4
 	$(PY) benchmarks/bench_train.py --model gemma3-270m --steps 4 --repeat 2 --batch 1 --accumulation 4
