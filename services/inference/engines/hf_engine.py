@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import torch
 import transformers
 from peft import PeftConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -119,6 +120,7 @@ class HfEngine:
         # Everything below belongs to the worker thread.
         self._model: Any = None  # the transformers model (peft injects its LoRA layers into it in place)
         self._peft: PeftModel | None = None
+        self._lora_layers: list[Any] = []  # peft's LoRA layers in the model, for the per-forward switches below
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._forward_kwargs: dict[str, Any] = {}
@@ -379,8 +381,7 @@ class HfEngine:
             return _with_kwargs(self._use_adapter(next(iter(slots))), {})
         assert self._peft is not None  # rows with adapters exist only once peft wraps the model
         names = [_BASE if row.slot_id is None else str(row.slot_id) for row in batch.rows]
-        # The PeftModel's hooks hand each LoRA layer the per-row names for the duration of the forward.
-        return _peft_mixed_batch(self._peft, names)
+        return _per_row_adapters(self._lora_layers, names)
 
     def _fail_all(self, sequences: list[_Sequence], error: Exception, event: str) -> None:
         if not isinstance(error, BatonError):
@@ -393,12 +394,8 @@ class HfEngine:
         if slot_id is None:
             if self._peft is None or not self._peft.peft_config:
                 return contextlib.nullcontext()  # no adapter anywhere: the LoRA layers (if any) are inert
-            # peft's disable_adapter() looks the active adapter up: it must be one that still exists.
-            active = self._peft.active_adapter
-            if not isinstance(active, str) or active not in self._peft.peft_config:
-                self._peft.set_adapter(next(iter(self._peft.peft_config)), inference_mode=True)
-            # Base-model requests: the LoRA layers are switched off for the group, then on again.
-            return self._peft.disable_adapter()
+            # Base-model requests: the LoRA layers are switched off for the forward, then on again.
+            return _lora_off(self._lora_layers)
         name = str(slot_id)
         if self._peft is None or slot_id not in self._resident:
             raise _adapter_not_loaded(slot_id)
@@ -609,6 +606,7 @@ class HfEngine:
         model.eval()
         model.requires_grad_(False)
         self._model, self._peft = model, None
+        self._lora_layers = []
         self._eos_ids = _eos_ids(model, self._tokenizer)
         # Only the last position's logits: a long prompt's full logits would take prompt × vocab floats.
         accepts = inspect.signature(model.forward).parameters
@@ -624,6 +622,7 @@ class HfEngine:
 
     def _free_model(self) -> None:
         self._model = self._peft = None
+        self._lora_layers = []
         self._resident.clear()
         gc.collect()
         if self._device.type == "cuda" and torch.cuda.is_available():
@@ -724,6 +723,7 @@ class HfEngine:
                 f"unexpected {list(result.unexpected_keys)[:3]})"
             )
         self._peft.eval()
+        self._lora_layers = [module for module in self._model.modules() if isinstance(module, LoraLayer)]
 
     def _discard_adapter(self, name: str) -> None:
         if self._peft is not None and name in self._peft.peft_config:
@@ -732,6 +732,7 @@ class HfEngine:
                 # Deleting the active adapter makes peft pick another one and warn on every layer.
                 self._peft.set_adapter(others[0], inference_mode=True)
             self._peft.delete_adapter(name)
+            self._lora_layers = [module for module in self._model.modules() if isinstance(module, LoraLayer)]
             return
         if self._model is None:
             return
@@ -775,12 +776,38 @@ def _with_kwargs(context: contextlib.AbstractContextManager[Any], kwargs: dict[s
         yield kwargs
 
 
+# peft's own switches walk the whole module tree on every call (PeftModel.disable_adapter even builds a status
+# report): 2–3 ms per forward on the tiny model, more than the forward itself. The engine keeps the list of LoRA
+# layers (refreshed when an adapter comes or goes) and flips them directly, per forward.
+
+
 @contextlib.contextmanager
-def _peft_mixed_batch(peft: PeftModel, names: list[str]) -> Iterator[dict[str, Any]]:
-    # What PeftModel.forward does with ``adapter_names``, around the plain model's forward (called with the cache
-    # and position ids as given, which PeftModelForCausalLM.forward would re-derive).
-    with peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+def _lora_off(layers: list[Any]) -> Iterator[None]:
+    """The base model alone: every LoRA layer off for the forward (the flag BaseTunerLayer.disable_adapters reads)."""
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+
+
+@contextlib.contextmanager
+def _per_row_adapters(layers: list[Any], names: list[str]) -> Iterator[dict[str, Any]]:
+    """Each row with its own adapter (``__base__``: none): what PeftModel.forward(adapter_names=...) does, a
+    pre-forward hook handing every LoRA layer the names, without walking the module tree."""
+
+    def hand_names(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    handles = [layer.register_forward_pre_hook(hand_names, with_kwargs=True) for layer in layers]
+    try:
         yield {}
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def adapter_keys(keys: Iterable[str], name: str) -> list[str]:
