@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 EngineKind = Literal["vllm", "hf"]
-YieldMethod = Literal["sleep", "offload", "restart"]
+YieldMethod = Literal["sleep", "offload", "restart", "pause"]
 FinishReason = Literal["stop", "length"]
 
 
@@ -41,6 +41,7 @@ class EngineConfig:
     # vLLM only: fraction of device memory for weights + KV cache (GPU), and KV-cache GiB on CPU.
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: float = 1.0
+    cpu_yield: Literal["restart", "pause"] = "restart"  # vLLM on CPU: how sleep yields (see InferenceSettings)
     enforce_eager: bool = False
 
 

@@ -98,7 +98,7 @@ class _Running:
     aborted: bool = False
 
 
-_DEFAULT_SLEEP_ESTIMATE_S = {"sleep": 1.0, "offload": 1.0, "restart": 6.0}
+_DEFAULT_SLEEP_ESTIMATE_S = {"sleep": 1.0, "offload": 1.0, "restart": 6.0, "pause": 0.2}
 
 
 class Lifecycle:

@@ -37,6 +37,7 @@ _YIELD_METHODS = {
     "sleep": inference_pb2.INFERENCE_YIELD_METHOD_SLEEP,
     "offload": inference_pb2.INFERENCE_YIELD_METHOD_OFFLOAD,
     "restart": inference_pb2.INFERENCE_YIELD_METHOD_RESTART,
+    "pause": inference_pb2.INFERENCE_YIELD_METHOD_PAUSE,
 }
 
 
@@ -71,6 +72,7 @@ def engine_config(settings: InferenceSettings, model_path: Path, device: str, ma
         seed=settings.seed,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        cpu_yield=settings.cpu_yield,
         enforce_eager=settings.enforce_eager,
     )
 

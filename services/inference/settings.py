@@ -49,6 +49,13 @@ class InferenceSettings(LeaseSettings):
         0.85, gt=0, le=1, description="vLLM on a GPU: fraction of VRAM for weights and KV cache."
     )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM on CPU: GiB of RAM for the KV cache.")
+    cpu_yield: Literal["restart", "pause"] = Field(
+        "restart",
+        description="vLLM on CPU (no sleep mode there): how the service yields the lease. restart stops the engine "
+        "and starts it again on wake (frees its RAM and the core its idle polling takes; seconds each way); pause "
+        "stops the engine's scheduler and clears its KV cache, keeping the process, weights and RAM (yield and wake "
+        "in milliseconds).",
+    )
     enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs (starts faster, decodes slower).")
 
     # ------------------------------------------------------------------------------------------------ adapters

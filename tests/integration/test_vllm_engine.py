@@ -8,6 +8,7 @@ failures (child processes that must not outlive them). What both engines must do
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -89,3 +90,31 @@ async def test_a_kv_cache_larger_than_memory_fails_to_start_and_leaves_no_proces
     # The running engine's processes were left alone.
     assert before <= vllm_processes()
     assert (await run(engine, prompt_ids(tiny_llm))).token_ids == reference(tiny_llm, CHAT_PROMPTS[0], None)
+
+
+async def test_cpu_yield_pause_keeps_the_engine_and_wakes_in_milliseconds(
+    tiny_llm: Path, adapter_registry: AdapterRegistry
+) -> None:
+    """``cpu_yield="pause"``: sleep pauses vLLM's scheduler instead of stopping the engine, so the same processes
+    serve on after wake, with the same outputs (adapters too), and generating while paused is refused."""
+    async with started(VllmEngine(make_config(tiny_llm, cpu_yield="pause")), adapter_registry) as engine:
+        assert engine.info.yield_method == "pause"
+        ids = prompt_ids(tiny_llm)
+        adapters = [None, slot(adapter_registry, 1, "phrase-a")]
+        before = [await run(engine, ids, adapter) for adapter in adapters]
+        processes = vllm_processes()
+        started_at = time.monotonic()
+        await engine.sleep()
+        paused_s = time.monotonic() - started_at
+        assert vllm_processes() == processes and engine.kv_cache_usage() == 0.0
+        with pytest.raises(Unavailable):
+            await run(engine, ids)
+        started_at = time.monotonic()
+        await engine.wake()
+        woken_s = time.monotonic() - started_at
+        after = [await run(engine, ids, adapter) for adapter in adapters]
+        assert [out.token_ids for out in after] == [out.token_ids for out in before]
+        assert after[1].text == PHRASE_A and vllm_processes() == processes
+        # A restart takes seconds each way (engine_conformance measures it); a pause, well under one.
+        assert paused_s < 1.0 and woken_s < 1.0, (paused_s, woken_s)
+    await wait_vllm_processes_gone(processes)

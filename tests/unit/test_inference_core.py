@@ -307,3 +307,15 @@ async def test_adapters_loaded_before_the_engine_starts_are_added_when_it_starts
     assert log == [] and core.lifecycle.state == ServiceState.SLEEPING, "no engine, no lease yet"
     assert (await run(core, "early"))[0] == "<100><101><102>"
     assert log[:3] == ["grant:1", "start", "add:1"]
+
+
+def test_every_yield_method_has_a_wire_value_and_a_sleep_estimate() -> None:
+    import typing
+
+    from services.inference.engine import YieldMethod
+    from services.inference.lifecycle import _DEFAULT_SLEEP_ESTIMATE_S
+    from services.inference.server import _YIELD_METHODS
+
+    methods = set(typing.get_args(YieldMethod))
+    assert methods == set(_YIELD_METHODS) == set(_DEFAULT_SLEEP_ESTIMATE_S)
+    assert len(set(_YIELD_METHODS.values())) == len(methods)
