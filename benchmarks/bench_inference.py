@@ -245,6 +245,7 @@ class Workspace:
     model: Path
     adapters: Path
     scheduler_target: str
+    cpu_yield: str = "restart"
 
 
 def build_models(root: Path, name: str) -> tuple[Path, Path]:
@@ -281,7 +282,7 @@ def inference_process(engine: str, space: Workspace, threads: int) -> ServicePro
     args = ["--home", str(home), "--engine", engine, "--model-path", str(space.model)]
     args += ["--adapter-root", str(space.adapters), "--grpc-port", str(port), "--metrics-port", str(free_port())]
     args += ["--max-lora-rank", "16", "--max-model-len", "256", "--cpu-kv-cache-gib", "0.5"]
-    args += ["--gpu-lease", "always", "--scheduler-addr", space.scheduler_target]
+    args += ["--gpu-lease", "always", "--scheduler-addr", space.scheduler_target, "--cpu-yield", space.cpu_yield]
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     return ServiceProcess(
         f"inference-{engine}",
@@ -467,7 +468,7 @@ async def run(args: argparse.Namespace) -> list[EngineRun]:
         baseline = Baseline(model)
         baseline.generate_s(args.max_tokens)  # warm-up
         scheduler = start_scheduler(root / "scheduler")
-        space = Workspace(root, model, adapters, scheduler.grpc_target)
+        space = Workspace(root, model, adapters, scheduler.grpc_target, args.cpu_yield)
         for engine_run in runs:
             await run_engine(engine_run.engine, space, baseline, args, engine_run)
     finally:
@@ -489,6 +490,9 @@ def main() -> None:
     parser.add_argument("--load-rounds", type=int, default=10, help="adapter unload+load rounds per repeat")
     parser.add_argument(
         "--model", default="tiny", help="tiny (built here) or a catalogue name prepared by `make models`"
+    )
+    parser.add_argument(
+        "--cpu-yield", choices=["restart", "pause"], default="restart", help="vLLM on CPU: how serving yields"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads: baseline and services alike")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (models, service logs)")
