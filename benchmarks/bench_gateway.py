@@ -106,8 +106,23 @@ def start_stack(root: Path, model: Path, threads: int, queue_capacity: int, embe
         log_path=root / "inference.log", env=env,
     )  # fmt: skip
     (root / "adapters").mkdir(exist_ok=True)
+    started: list[ServiceProcess] = []
+    try:
+        return _start(root, embedder, inference, gateway_port, env, started)
+    except BaseException:
+        for process in reversed(started):  # a failed start must not leave the others running
+            process.stop()
+        raise
+
+
+def _start(
+    root: Path, embedder: ServiceProcess, inference: ServiceProcess, gateway_port: int, env: dict[str, str],
+    started: list[ServiceProcess],
+) -> Stack:  # fmt: skip
+    started.append(embedder)
     embedder.start(wait_healthy_s=300)
     record_embedder(root / "gateway" / "store", embedder.grpc_target)
+    started.append(inference)
     inference.start(wait_healthy_s=300)
     admin_key = new_admin_key()
     url = f"http://127.0.0.1:{gateway_port}"
@@ -118,6 +133,7 @@ def start_stack(root: Path, model: Path, threads: int, queue_capacity: int, embe
         "gateway", "services.gateway", gateway_args, log_path=root / "gateway.log", health_url=f"{url}/health",
         env={**env, "BATON_GATEWAY_ADMIN_KEY": admin_key},
     )  # fmt: skip
+    started.append(gateway)
     gateway.start(wait_healthy_s=300)
     with GatewayClient(url, api_key=admin_key) as admin:
         key = str(admin.ensure_user_key("bench", tenant=TENANT, label="bench_gateway")["key"])

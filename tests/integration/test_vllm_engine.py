@@ -8,6 +8,7 @@ failures (child processes that must not outlive them). What both engines must do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -93,11 +94,14 @@ async def test_a_kv_cache_larger_than_memory_fails_to_start_and_leaves_no_proces
 
 
 async def test_cpu_yield_pause_keeps_the_engine_and_wakes_in_milliseconds(
-    tiny_llm: Path, adapter_registry: AdapterRegistry
+    engine: VllmEngine, tiny_llm: Path, adapter_registry: AdapterRegistry
 ) -> None:
     """``cpu_yield="pause"``: sleep pauses vLLM's scheduler instead of stopping the engine, so the same processes
-    serve on after wake, with the same outputs (adapters too), and generating while paused is refused."""
-    async with started(VllmEngine(make_config(tiny_llm, cpu_yield="pause")), adapter_registry) as engine:
+    serve on after wake, with the same outputs (adapters too), and generating while paused is refused. (The module's
+    engine is switched to pause for this test — a second engine would cost CI another ~25 s start.)"""
+    default = engine._config
+    engine._config = dataclasses.replace(default, cpu_yield="pause")
+    try:
         assert engine.info.yield_method == "pause"
         ids = prompt_ids(tiny_llm)
         adapters = [None, slot(adapter_registry, 1, "phrase-a")]
@@ -117,4 +121,5 @@ async def test_cpu_yield_pause_keeps_the_engine_and_wakes_in_milliseconds(
         assert after[1].text == PHRASE_A and vllm_processes() == processes
         # A restart takes seconds each way (engine_conformance measures it); a pause, well under one.
         assert paused_s < 1.0 and woken_s < 1.0, (paused_s, woken_s)
-    await wait_vllm_processes_gone(processes)
+    finally:
+        engine._config = default
