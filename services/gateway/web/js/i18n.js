@@ -40,6 +40,7 @@ const STRINGS = {
     "users.create": "New user", "users.name": "Name", "users.tenant": "Tenant", "users.same": "same as the name",
     "users.add": "Create", "users.keys": "Keys", "users.issue": "New key for {name}", "users.remove": "Delete {name}",
     "users.secret": "Key for {name} (shown once, copy it now): {key}",
+    "users.revoke": "revoke", "users.revokeKey": "revoke {prefix}", "users.revoked": "revoked", "chat.all": "all",
   },
   ru: {
     "nav.chat": "Чат", "nav.memory": "Память", "nav.views": "Взгляды", "nav.gpu": "GPU", "nav.users": "Пользователи и ключи",
@@ -81,6 +82,7 @@ const STRINGS = {
     "users.create": "Новый пользователь", "users.name": "Имя", "users.tenant": "Арендатор", "users.same": "как имя",
     "users.add": "Создать", "users.keys": "Ключи", "users.issue": "Новый ключ для {name}", "users.remove": "Удалить {name}",
     "users.secret": "Ключ для {name} (показан один раз, скопируйте сейчас): {key}",
+    "users.revoke": "отозвать", "users.revokeKey": "отозвать {prefix}", "users.revoked": "отозван", "chat.all": "все",
   },
 };
 

@@ -34,10 +34,10 @@ async function refresh() {
     const { keys } = await api.get(`/v1/users/${encodeURIComponent(user.name)}/keys`);
     const keyList = el("ul", { class: "keys" }, ...keys.map((key) => el("li", {},
       `${key.prefix}… ${key.label || ""} `,
-      !key.active ? el("span", { class: "muted" }, "revoked") : el("button", {
-        type: "button", "aria-label": `revoke ${key.prefix}`,
+      !key.active ? el("span", { class: "muted" }, t("users.revoked")) : el("button", {
+        type: "button", "aria-label": t("users.revokeKey", { prefix: key.prefix }),
         on: { click: () => guard(async () => { await api.del(`/v1/users/${encodeURIComponent(user.name)}/keys/${key.id}`); await refresh(); }) },
-      }, "revoke"))));
+      }, t("users.revoke")))));
     return el("tr", {}, el("td", {}, user.name), el("td", {}, user.tenant), el("td", {}, keyList),
       el("td", {},
         el("button", { type: "button", on: { click: () => guard(() => issue(user.name)) } }, t("users.issue", { name: user.name })), " ",
