@@ -44,6 +44,20 @@ class ChunkRecord:
 
 
 @dataclass(frozen=True)
+class LexicalCandidates:
+    """BM25's candidates for a hybrid search, computed ahead by ``VectorStore.lexical_candidates`` while the query's
+    vector is still being embedded (the two sides of a hybrid search need not wait for each other).
+
+    Only the store that made them reads them. ``key`` says what they were computed for — tenant, query text,
+    filters, depth and the tenant's write generation — and a store that finds it no longer matches (a write landed
+    in between) computes them again, so a prefetch can make a search faster, never different.
+    """
+
+    key: tuple[object, ...]
+    scores: Mapping[int, float]  # the store's row -> BM25 score, best first
+
+
+@dataclass(frozen=True)
 class StoreQuery:
     tenant: str
     text: str = ""
@@ -58,6 +72,8 @@ class StoreQuery:
     embedder_languages: Sequence[str] = ()
     # How hybrid mode fuses the two rankings (fusion.py); relative-score fusion ranked best on SciFact and XQuAD.
     fusion: FusionMethod = FusionMethod.RELATIVE_SCORE
+    # BM25's side of a hybrid search, computed ahead (``VectorStore.lexical_candidates``); None: computed in search.
+    lexical: LexicalCandidates | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,11 @@ class VectorStore(Protocol):
 
     def search(self, query: StoreQuery) -> list[Hit]:
         """Top ``query.k`` hits for the tenant, best first. An empty store or tenant returns []."""
+        ...
+
+    def lexical_candidates(self, query: StoreQuery) -> LexicalCandidates | None:
+        """BM25's side of the hybrid ``query`` (its vector not needed yet), to pass back in ``query.lexical``; None
+        where the store does not split a hybrid search (it then does both sides in ``search``)."""
         ...
 
     def count(self, tenant: str | None = None, filters: Filters | None = None) -> int: ...

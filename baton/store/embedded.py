@@ -31,6 +31,7 @@ snapshot and SQLite is ``baton.store.embedded_snapshots``; the two locks are ``b
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -43,7 +44,7 @@ import numpy as np
 from baton.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from baton.store import fts_bm25
 from baton.store.analysis import detect_language, index_text, query_terms
-from baton.store.base import ChunkRecord, Filters, Hit, SearchMode, StoreQuery
+from baton.store.base import ChunkRecord, Filters, Hit, LexicalCandidates, SearchMode, StoreQuery
 from baton.store.embedded_snapshots import drop_foreign_snapshots, restore_index
 from baton.store.embedded_sql import (
     NO_IDS,
@@ -192,6 +193,23 @@ class EmbeddedStore:
             for rowid, *scores in scored
             if rowid in rows
         ]
+
+    def lexical_candidates(self, query: StoreQuery) -> LexicalCandidates | None:
+        """BM25's top candidates of a hybrid query, while its vector is being embedded (the gateway overlaps the two:
+        FTS5 is most of a hybrid search's time at 100k chunks, the embedding most of a chat's retrieval)."""
+        self._check_open()
+        check_query(query)
+        tenant_id = self._tenant_for_read(query.tenant)
+        if query.mode is not SearchMode.HYBRID or tenant_id is None:
+            return None
+        conn = self._reader()
+        with self._rw.read():
+            allowed = self._resolve_filter(conn, tenant_id, query.filters)
+            if allowed is not None and allowed.rowids.size == 0:
+                return None
+            generation = self._tenant_stats(conn, tenant_id).generation
+            scores = self._bm25_top(conn, tenant_id, query_terms(query.text), _hybrid_depth(query), allowed)
+        return LexicalCandidates(key=self._lexical_key(query, generation), scores=scores)
 
     def count(self, tenant: str | None = None, filters: Filters | None = None) -> int:
         self._check_open()
@@ -423,9 +441,10 @@ class EmbeddedStore:
         query: StoreQuery,
         allowed: _Filter | None,
     ) -> list[tuple[int, float, float | None, float | None]]:
-        terms = query_terms(query.text)
-        depth = max(query.k, HYBRID_CANDIDATE_DEPTH)
-        bm25 = self._bm25_top(conn, tenant_id, terms, depth, allowed) if terms else {}
+        depth = _hybrid_depth(query)
+        bm25 = self._prefetched_bm25(conn, tenant_id, query)
+        if bm25 is None:
+            bm25 = self._bm25_top(conn, tenant_id, query_terms(query.text), depth, allowed)
         weight = query.vector_weight
         if weight is None and language_covered(detect_language(query.text), query.embedder_languages) is False:
             weight = 0.0  # a blind dense side: skip the vector search altogether
@@ -456,10 +475,28 @@ class EmbeddedStore:
         """Top ``limit`` rows by BM25 (FTS5's k1 = 1.2, b = 0.75), best first; scores positive, higher better."""
         if not terms:
             return {}
-        row = conn.execute("SELECT chunk_count, generation FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
-        stats = fts_bm25.TenantStats(rows=int(row[0]), generation=int(row[1]))
+        stats = self._tenant_stats(conn, tenant_id)
         row_filter = None if allowed is None else allowed.rows
         return fts_bm25.top(conn, tenant_id, stats, terms, limit, row_filter, cache=self._frequencies)
+
+    def _prefetched_bm25(self, conn: sqlite3.Connection, tenant_id: int, query: StoreQuery) -> dict[int, float] | None:
+        """``query.lexical``'s scores if this store made them for this very query at the tenant's current generation
+        (no write since); else None, and the search computes them itself."""
+        if query.lexical is None:
+            return None
+        generation = self._tenant_stats(conn, tenant_id).generation
+        if query.lexical.key != self._lexical_key(query, generation):
+            return None
+        return dict(query.lexical.scores)
+
+    def _lexical_key(self, query: StoreQuery, generation: int) -> tuple[object, ...]:
+        filters = json.dumps(query.filters, sort_keys=True, default=list)
+        return (str(self.path), query.tenant, query.text, filters, _hybrid_depth(query), generation)
+
+    @staticmethod
+    def _tenant_stats(conn: sqlite3.Connection, tenant_id: int) -> fts_bm25.TenantStats:
+        row = conn.execute("SELECT chunk_count, generation FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        return fts_bm25.TenantStats(rows=int(row[0]), generation=int(row[1]))
 
     def _resolve_filter(self, conn: sqlite3.Connection, tenant_id: int, filters: Filters) -> _Filter | None:
         """The rows the filters allow within the tenant, or None for no filter."""
@@ -544,6 +581,11 @@ class EmbeddedStore:
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable(f"the vector store at {self.path} is closed", reason="STORE_CLOSED")
+
+
+def _hybrid_depth(query: StoreQuery) -> int:
+    """Candidates each side of a hybrid search brings to the fusion."""
+    return max(query.k, HYBRID_CANDIDATE_DEPTH)
 
 
 def _vector_hits(index: TenantIndex | None, vector: np.ndarray, k: int, allowed: _Filter | None) -> VectorHits:

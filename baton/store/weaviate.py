@@ -65,7 +65,7 @@ from weaviate.exceptions import (
 
 from baton.runtime.errors import BatonError, InvalidArgument, Unavailable, UpstreamFailed
 from baton.store.analysis import detect_language, index_text, query_terms
-from baton.store.base import ChunkRecord, Filters, Hit, SearchMode, StoreQuery
+from baton.store.base import ChunkRecord, Filters, Hit, LexicalCandidates, SearchMode, StoreQuery
 from baton.store.fusion import HYBRID_CANDIDATE_DEPTH, FusionMethod, choose_vector_weight, fuse, language_covered
 from baton.store.validation import (
     check_chunks,
@@ -216,6 +216,11 @@ class WeaviateStore:
                 return []
             chunks_of = self._chunks.with_tenant(name)
             return self._consistent_read(name, lambda state: self._search(chunks_of, query, vector, state))
+
+    def lexical_candidates(self, query: StoreQuery) -> LexicalCandidates | None:
+        """None: both sides of a hybrid search run in ``search``, inside one consistent read of the tenant's
+        generations (a BM25 list read ahead could straddle a write that the vector side does not see)."""
+        return None
 
     def count(self, tenant: str | None = None, filters: Filters | None = None) -> int:
         wanted = user_filter(filters or {})

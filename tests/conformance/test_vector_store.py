@@ -6,6 +6,7 @@ parametrisation. Ranking tests use the real offline MiniLM in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -190,6 +191,37 @@ def test_filters_apply_in_every_mode_and_to_counts(library: VectorStore, filters
         assert {hit.document_id for hit in hits} == documents
     expected_chunks = sum({"a": 2, "b": 1, "c": 1}[name] for name in documents)
     assert library.count(TENANT, filters) == expected_chunks
+
+
+def hybrid_with_prefetch(store: VectorStore, text: str, vector: np.ndarray, **kw) -> list[Hit]:
+    """A hybrid search whose BM25 side was asked for first, without the vector (as the gateway overlaps it with the
+    query's embedding), then handed back in ``lexical``."""
+    query = StoreQuery(tenant=TENANT, text=text, k=kw.pop("k", 10), mode=SearchMode.HYBRID, **kw)
+    lexical = store.lexical_candidates(query)
+    return store.search(dataclasses.replace(query, vector=vector, lexical=lexical))
+
+
+@pytest.mark.parametrize("filters", [{}, {"collection": ["home", "travel"]}, {"collection": "nowhere"}])
+def test_bm25_candidates_computed_ahead_change_nothing(library: VectorStore, filters: dict) -> None:
+    for text, seed in (("river", 5), ("river map", 1), ("song of the fish", 3), ("", 2)):
+        expected = hybrid_search(library, text, unit(seed), k=3, filters=filters)
+        got = hybrid_with_prefetch(library, text, unit(seed), k=3, filters=filters)
+        assert [(hit.chunk_id, hit.score, hit.bm25_score) for hit in got] == [
+            (hit.chunk_id, hit.score, hit.bm25_score) for hit in expected
+        ]
+
+
+def test_bm25_candidates_from_before_a_write_are_not_used_after_it(library: VectorStore) -> None:
+    query = StoreQuery(tenant=TENANT, text="river", k=10, mode=SearchMode.HYBRID)
+    stale = library.lexical_candidates(query)
+    library.delete_document(TENANT, "b")
+    library.replace_document(TENANT, "d", document("d", ["river delta"], 4))
+    hits = library.search(dataclasses.replace(query, vector=unit(4), lexical=stale))
+    assert {hit.document_id for hit in hits} == {"a", "c", "d"}
+    assert ids(hits) == ids(hybrid_search(library, "river", unit(4)))
+    # Made for another query, they are not used for this one.
+    other = library.lexical_candidates(dataclasses.replace(query, text="fish"))
+    assert ids(library.search(dataclasses.replace(query, vector=unit(4), lexical=other))) == ids(hits)
 
 
 def test_tenants_are_isolated(store: VectorStore) -> None:

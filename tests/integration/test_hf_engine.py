@@ -1,6 +1,7 @@
 """What only the hf engine (transformers + peft) does, driven directly on the tiny Qwen3 and its phrase adapters.
 
-Its own scheduler (newcomers prefilled alone, then one batched forward per step for every running request, at most
+Its own scheduler (newcomers of a round prefilled together, then one batched forward per step for every running
+request, at most
 ``max_concurrent_requests`` active, the rest FIFO), its prompt checks, peft's adapter wrapping and its start
 failures. What both engines must do alike — exact greedy outputs, adapters, aborts, stop conditions, sampling,
 sleep and wake — is in ``test_engine_conformance.py``.
@@ -9,6 +10,7 @@ sleep and wake — is in ``test_engine_conformance.py``.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,41 @@ async def test_concurrent_requests_decode_in_one_forward_per_step_and_equal_thei
         # 4 prefills, then one decode forward per step (a request that arrived a round late adds a few).
         assert len(forwards) <= 4 + 24 + 4 < 4 * 24, forwards
         assert max(forwards) == 4, forwards  # every request in the same forward
+
+
+async def test_requests_arriving_together_are_prefilled_in_one_forward(tiny_llm: Path) -> None:
+    """Six requests queued while the worker is busy start in the same round: their prompts (different lengths,
+    left-padded) go through one prefill forward, and each output still equals the request's own."""
+    async with started(HfEngine(make_config(tiny_llm))) as engine:
+        requests = [prompt_ids(tiny_llm, prompt) for prompt in CHAT_PROMPTS[:6]]
+        assert len({len(ids) for ids in requests}) > 1
+        sampling: dict[str, Any] = {"max_tokens": 12, "ignore_eos": True}
+        singles = [await run(engine, ids, **sampling) for ids in requests]
+        shapes = record_input_shapes(engine)
+        gate = threading.Event()
+        busy = asyncio.create_task(engine._call(lambda: gate.wait(10)))  # the worker runs this job meanwhile
+        await asyncio.sleep(0.05)
+        together = [
+            asyncio.create_task(run(engine, ids, request_id=f"t{i}", **sampling)) for i, ids in enumerate(requests)
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        outputs = await asyncio.gather(*together)
+        assert [out.token_ids for out in outputs] == [out.token_ids for out in singles]
+        prefills = [shape for shape in shapes if shape[1] > 1]
+        assert len(prefills) < len(requests) and max(rows for rows, _ in prefills) > 1, shapes
+
+
+def record_input_shapes(engine: HfEngine) -> list[tuple[int, int]]:
+    """(rows, tokens) of every forward the engine's model runs from now on."""
+    shapes: list[tuple[int, int]] = []
+
+    def record(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    engine._model.register_forward_pre_hook(record, with_kwargs=True)
+    return shapes
 
 
 def count_forwards(engine: HfEngine) -> list[int]:

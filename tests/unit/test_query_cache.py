@@ -1,13 +1,16 @@
-"""The gateway's query-vector cache: a repeated query is embedded once; the cache stays within its capacity."""
+"""The gateway's retriever: a repeated query is embedded once (the query-vector cache stays within its capacity),
+and a hybrid search's BM25 side runs while the query is being embedded."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from baton.store.base import Hit, SearchMode, StoreQuery
+from baton.store.base import Hit, LexicalCandidates, SearchMode, StoreQuery
 from services.gateway.retrieval import QueryVectorCache, Retriever, SearchRequest
 
 
@@ -22,12 +25,26 @@ class CountingEmbedder:
 
 
 class RecordingStore:
-    def __init__(self) -> None:
+    def __init__(self, lexical_s: float = 0.0) -> None:
         self.vectors: list[np.ndarray | None] = []
+        self.lexical: list[LexicalCandidates | None] = []
+        self.lexical_s = lexical_s
+
+    def lexical_candidates(self, query: StoreQuery) -> LexicalCandidates | None:
+        assert query.vector is None and query.mode is SearchMode.HYBRID
+        time.sleep(self.lexical_s)  # FTS5 in a worker thread
+        return LexicalCandidates(key=(query.text,), scores={1: 2.0})
 
     def search(self, query: StoreQuery) -> list[Hit]:
         self.vectors.append(query.vector)
+        self.lexical.append(query.lexical)
         return []
+
+
+class SlowEmbedder(CountingEmbedder):
+    async def embed(self, texts: Sequence[str], *, input_type: str | None = None) -> np.ndarray:
+        await asyncio.sleep(0.3)  # the embedder's round trip
+        return await super().embed(texts, input_type=input_type)
 
 
 def retriever(capacity: int) -> tuple[Retriever, CountingEmbedder, RecordingStore]:
@@ -71,3 +88,18 @@ def test_the_cache_holds_at_most_its_capacity() -> None:
     for index in range(10):
         cache.put(str(index), np.zeros(2, dtype=np.float32))
     assert len(cache) == 3 and cache.get("9") is not None and cache.get("0") is None
+
+
+async def test_a_hybrid_search_ranks_bm25_while_the_query_is_embedded() -> None:
+    store = RecordingStore(lexical_s=0.3)
+    search = Retriever(store, SlowEmbedder(), ["en"], 100, QueryVectorCache(8))  # type: ignore[arg-type]
+    started = time.perf_counter()
+    _, timings = await search.search_timed(SearchRequest("t", "what is baton?"))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, f"{elapsed:.2f} s: the two 0.3 s sides ran one after the other"
+    assert timings.lexical_s >= 0.3 and timings.embed_s < 0.5
+    assert store.lexical == [LexicalCandidates(key=("what is baton?",), scores={1: 2.0})]
+    assert store.vectors[0] is not None
+    # A cached vector needs no overlap: the store does both sides in its search.
+    await search.search(SearchRequest("t", "what is baton?"))
+    assert store.lexical[1] is None and len(store.vectors) == 2

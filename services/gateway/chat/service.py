@@ -107,7 +107,9 @@ class PreparedChat:
 
     def _search_parts(self) -> dict[str, float]:
         parts = self.search_timings
-        return {} if parts is None else {"embed_s": round(parts.embed_s, 6), "store_s": round(parts.store_s, 6)}
+        if parts is None:
+            return {}
+        return {name: round(getattr(parts, name), 6) for name in ("embed_s", "store_s", "lexical_s")}
 
 
 class Generation:

@@ -1,11 +1,12 @@
 """Decode batches for the hf engine: many sequences' KV caches held as one, one forward per step for all of them.
 
-The design is TGI's first one (``CausalLMBatch.concatenate`` / ``filter``), on transformers' own ``DynamicCache``: a
-request is prefilled alone, then its cache joins the running batch. Caches of different lengths are left-padded to
-the longest and concatenated along the batch dimension; a finished row is dropped, and the columns only padding
-used are trimmed away, so the batch is always as long as its longest row. The 2-D attention mask hides the padding
-and ``position_ids`` carry each row's true position, so every row computes what it would alone (up to float
-rounding in the batched matrix products).
+The design is TGI's first one (``CausalLMBatch.concatenate`` / ``filter``), on transformers' own ``DynamicCache``:
+the requests that arrive together are prefilled together (left-padded into one forward: the weights are read once
+for all of them, where a CPU's decode and short prefills are bound by reading them), then that cache joins the
+running batch. Caches of different lengths are left-padded to the longest and concatenated along the batch
+dimension; a finished row is dropped, and the columns only padding used are trimmed away, so the batch is always as
+long as its longest row. The 2-D attention mask hides the padding and ``position_ids`` carry each row's true
+position, so every row computes what it would alone (up to float rounding in the batched matrix products).
 
 transformers' continuous batching (``generate_batch``, paged attention) was read and not used: one sampling config
 per manager, no per-request seeds, penalties, stop strings or top-k logprobs, and no LoRA per request — all of which
@@ -58,6 +59,12 @@ class DecodeBatch:
         window = cache_window(cache)
         mask = torch.ones((1, length), dtype=torch.long, device=_device(cache))
         return cls([row], cache, mask, [length], window, shared=length <= window)
+
+    @classmethod
+    def of_prefill(cls, rows: list[Any], cache: DynamicCache, mask: torch.Tensor) -> DecodeBatch:
+        """Rows prefilled together, left-padded to the longest prompt (``prefill_inputs``)."""
+        window = cache_window(cache)
+        return cls(rows, cache, mask, mask.sum(dim=1).tolist(), window, shared=mask.shape[1] <= window)
 
     @property
     def length(self) -> int:
@@ -133,6 +140,34 @@ class DecodeBatch:
         if not self.shared:
             return []
         return [index for index, position in enumerate(self.positions) if position > self.window]
+
+
+def prefill_inputs(prompts: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One forward's inputs for several prompts: left-padded to the longest, the mask hiding the padding, each
+    row's positions counted from its first real token."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
+def prefill_groups(lengths: list[int], max_tokens: int, window: int) -> list[list[int]]:
+    """Indices of prompts to prefill together, longest first: a group's padded size (count x longest) stays within
+    ``max_tokens``, its shortest prompt is at least half its longest (padding is computed and thrown away), and
+    its longest fits the shared batch's window (else the prompt is prefilled alone)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        longest = lengths[group[0]] if group else 0
+        if group is None or longest > window or (len(group) + 1) * longest > max_tokens or 2 * lengths[index] < longest:
+            groups.append([index])
+        else:
+            group.append(index)
+    return groups
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The transformers + peft engine: small models, machines without vLLM, and the CPU test suite.
 
 All torch work runs on ONE worker thread, so the event loop never blocks and peft's adapter state (which adapter
-is active, which are loaded) is only ever touched from one thread. The worker runs a scheduler loop of rounds: a
-newcomer is prefilled alone (its first token comes within one round, not after the requests ahead of it), then joins
-the decode batch, where ONE forward pass advances every running request by a token (``hf_batch``: the KV caches held
-as one left-padded ``DynamicCache``). At most ``max_concurrent_requests`` requests are active; the others wait in
+is active, which are loaded) is only ever touched from one thread. The worker runs a scheduler loop of rounds: the
+newcomers of a round are prefilled at once (one left-padded forward per adapter and similar prompt length; their
+first tokens come within that round, not after the requests ahead of them), then join the decode batch, where ONE
+forward pass advances every running request by a token (``hf_batch``: the KV caches held as one left-padded
+``DynamicCache``). At most ``max_concurrent_requests`` requests are active; the others wait in
 FIFO order.
 
 Adapters are peft LoRA adapters named ``str(slot_id)``; the model is wrapped in a ``PeftModel`` when the first
@@ -57,7 +58,7 @@ from services.inference.engine import (
     TokenLogprob,
     TopLogprob,
 )
-from services.inference.engines.hf_batch import DecodeBatch
+from services.inference.engines.hf_batch import DecodeBatch, cache_window, prefill_groups, prefill_inputs
 from services.inference.engines.text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _STOP = object()  # the worker's shutdown sentinel
 _BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Newcomers prefilled in one forward hold at most this many (padded) prompt tokens: the activations of a prefill grow
+# with it, and beyond a few thousand tokens a forward is compute-bound anyway (nothing left to share).
+PREFILL_BATCH_TOKENS = 4096
 
 
 @dataclass
@@ -90,7 +94,6 @@ class _Sequence:
     stops: StopMatcher
     eos_ids: frozenset[int]
     output: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None  # the prompt's cache until the sequence joins a decode batch
     batch: DecodeBatch | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # prompt + output tokens, for the repetition penalty
@@ -124,6 +127,7 @@ class HfEngine:
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._forward_kwargs: dict[str, Any] = {}
+        self._pad_id = 0
         self._slots: dict[int, AdapterSlot] = {}  # every added slot, resident or not
         self._resident: set[int] = set()  # slots whose weights are in the model now
         self._asleep = False
@@ -299,34 +303,33 @@ class HfEngine:
         groups: dict[int | None, list[_Sequence]] = {}
         for sequence in newcomers:
             groups.setdefault(sequence.slot_id, []).append(sequence)
+        prefilled: list[DecodeBatch] = []
         for slot_id, sequences in groups.items():
             try:
                 with self._use_adapter(slot_id), torch.inference_mode():
-                    for sequence in sequences:
-                        self._prefill_or_fail(sequence)
+                    prefilled += self._prefill_group(sequences)
             except Exception as error:  # switching adapters failed: this group fails, the others go on
                 self._fail_all(sequences, error, "inference.hf.adapter_switch_failed")
         self._flush()  # the newcomers' first tokens go out before the batch's step
         for batch in list(self._batches):
             self._decode(batch)
             self._flush()
-        for sequence in newcomers:
-            if not sequence.finished:
-                self._join(sequence)
+        for batch in prefilled:
+            batch.keep([index for index, row in enumerate(batch.rows) if not row.finished])
+            if batch.rows:
+                self._join(batch)
         self._active = [sequence for sequence in self._active if not sequence.finished]
 
-    def _join(self, sequence: _Sequence) -> None:
-        """A prefilled sequence joins the shared batch (or starts one, or decodes alone if it cannot share)."""
-        assert sequence.cache is not None
-        alone = DecodeBatch.of_one(sequence, sequence.cache, len(sequence.request.prompt_token_ids))
-        sequence.cache = None
+    def _join(self, prefilled: DecodeBatch) -> None:
+        """Prefilled rows join the shared batch (or start one, or decode alone if they cannot share)."""
         shared = self._batches[0] if self._batches else None
-        if shared is not None and shared.can_take(alone, self.config.max_concurrent_requests):
-            shared.merge(alone)
-            sequence.batch = shared
+        if shared is not None and shared.can_take(prefilled, self.config.max_concurrent_requests):
+            shared.merge(prefilled)
         else:
-            self._batches.insert(0 if alone.shared else len(self._batches), alone)
-            sequence.batch = alone
+            self._batches.insert(0 if prefilled.shared else len(self._batches), prefilled)
+            shared = prefilled
+        for row in prefilled.rows:
+            row.batch = shared
 
     def _decode(self, batch: DecodeBatch) -> None:
         """One token for every row of ``batch`` in one forward pass."""
@@ -403,14 +406,21 @@ class HfEngine:
             self._peft.set_adapter(name, inference_mode=True)
         return contextlib.nullcontext()
 
-    def _prefill_or_fail(self, sequence: _Sequence) -> None:
-        if sequence.aborted:
-            sequence.finished = True
-            return
-        try:
-            self._prefill(sequence)
-        except Exception as error:  # a torch error must end this request, not the worker
-            self._fail_all([sequence], error, "inference.hf.step_failed")
+    def _prefill_group(self, sequences: list[_Sequence]) -> list[DecodeBatch]:
+        """The newcomers of one adapter, prefilled in as few forwards as ``prefill_groups`` allows."""
+        for sequence in sequences:
+            sequence.finished |= sequence.aborted
+        live = [sequence for sequence in sequences if not sequence.finished]
+        window = cache_window(DynamicCache(config=self._model.config))
+        lengths = [len(sequence.request.prompt_token_ids) for sequence in live]
+        batches = []
+        for group in prefill_groups(lengths, PREFILL_BATCH_TOKENS, window):
+            rows = [live[index] for index in group]
+            try:
+                batches.append(self._prefill(rows))
+            except Exception as error:  # a torch error must end these requests, not the worker
+                self._fail_all(rows, error, "inference.hf.step_failed")
+        return batches
 
     def _token_or_fail(self, sequence: _Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
         try:
@@ -436,14 +446,23 @@ class HfEngine:
 
     # ---------------------------------------------------------------------------------------------- one token
 
-    def _prefill(self, sequence: _Sequence) -> None:
-        """The whole prompt in one forward pass, alone: its cache, then its first token."""
-        sequence.cache = DynamicCache(config=self._model.config)
-        input_ids = torch.tensor([sequence.request.prompt_token_ids], device=self._device)
-        outputs = self._model(
-            input_ids=input_ids, past_key_values=sequence.cache, use_cache=True, **self._forward_kwargs
-        )
-        self._take_token(sequence, outputs.logits[0, -1].float())
+    def _prefill(self, rows: list[_Sequence]) -> DecodeBatch:
+        """The rows' whole prompts in one forward pass (one row: unpadded, as generate() runs it), then each row's
+        first token; the cache they share, as a batch about to join the shared one."""
+        cache = DynamicCache(config=self._model.config)
+        prompts = [row.request.prompt_token_ids for row in rows]
+        if len(rows) == 1:
+            inputs = {"input_ids": torch.tensor(prompts, device=self._device)}
+        else:
+            inputs = prefill_inputs(prompts, self._pad_id, self._device)
+        outputs = self._model(**inputs, past_key_values=cache, use_cache=True, **self._forward_kwargs)
+        logits = outputs.logits[:, -1].float()
+        best = logits.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            self._token_or_fail(row, logits[index], best[index])
+        if len(rows) == 1:
+            return DecodeBatch.of_one(rows[0], cache, len(prompts[0]))
+        return DecodeBatch.of_prefill(rows, cache, inputs["attention_mask"])
 
     def _take_token(self, sequence: _Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Choose the next token from these logits (``argmax``: theirs, if already known), record it, send it on."""
@@ -495,7 +514,6 @@ class HfEngine:
                 delta.text += sequence.stops.flush()
         delta.finish_reason, delta.matched_stop = reason, matched
         sequence.finished = True
-        sequence.cache = None
         self._emit(sequence, delta)
 
     # ---------------------------------------------------------------------------------------------- sampling
@@ -584,7 +602,6 @@ class HfEngine:
 
     def _fail(self, sequence: _Sequence, error: BaseException) -> None:
         sequence.finished = True
-        sequence.cache = None
         self._emit(sequence, error)
 
     # ---------------------------------------------------------------------------------------------- model
@@ -608,6 +625,8 @@ class HfEngine:
         self._model, self._peft = model, None
         self._lora_layers = []
         self._eos_ids = _eos_ids(model, self._tokenizer)
+        # What fills the left padding of a batched prefill (masked out: any real id will do).
+        self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         # Only the last position's logits: a long prompt's full logits would take prompt × vocab floats.
         accepts = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
