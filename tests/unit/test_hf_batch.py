@@ -85,7 +85,13 @@ def prefill_together(model: Any, rows: list[Row]) -> list[DecodeBatch]:
 
 
 def batched(
-    model: Any, prompts: list[list[int]], steps: list[int], join_at: list[int], *, together: bool = False
+    model: Any,
+    prompts: list[list[int]],
+    steps: list[int],
+    join_at: list[int],
+    *,
+    together: bool = False,
+    sdpa: bool = False,
 ) -> list[Row]:
     """Row i is prefilled at step join_at[i] (with the others of that step if ``together``) and then joins the shared
     batch; finished rows leave it."""
@@ -100,7 +106,9 @@ def batched(
                 batches.remove(batch)
                 continue
             logits = model(
-                **batch.step_inputs([row.tokens[-1] for row in batch.rows]), past_key_values=batch.cache, use_cache=True
+                **batch.step_inputs([row.tokens[-1] for row in batch.rows], sdpa=sdpa),
+                past_key_values=batch.cache,
+                use_cache=True,
             ).logits[:, -1]
             batch.stepped()
             for index, row in enumerate(batch.rows):
@@ -123,12 +131,14 @@ def batched(
     return rows
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["2d-mask", "4d-sdpa-mask"])
 @pytest.mark.parametrize("make", [llama, gemma])
 @torch.inference_mode()
-def test_batched_rows_equal_their_solo_decoding(make: Any) -> None:
+def test_batched_rows_equal_their_solo_decoding(make: Any, sdpa: bool) -> None:
     model = make()
+    assert model.config._attn_implementation == "sdpa"
     expected = [solo(model, prompt, steps) for prompt, steps in zip(PROMPTS, STEPS, strict=True)]
-    got = batched(model, PROMPTS, STEPS, join_at=[0, 0, 2, 5])
+    got = batched(model, PROMPTS, STEPS, join_at=[0, 0, 2, 5], sdpa=sdpa)
     for want, have in zip(expected, got, strict=True):
         assert have.tokens == want.tokens
         for step, (a, b) in enumerate(zip(have.logits, want.logits, strict=True)):
@@ -142,7 +152,7 @@ def test_rows_prefilled_together_equal_their_solo_decoding(make: Any) -> None:
     prompts = [*PROMPTS, [4, 4, 6, 1, 3]]
     steps = [*STEPS, 7]
     expected = [solo(model, prompt, count) for prompt, count in zip(prompts, steps, strict=True)]
-    got = batched(model, prompts, steps, join_at=[0, 0, 0, 3, 3], together=True)
+    got = batched(model, prompts, steps, join_at=[0, 0, 0, 3, 3], together=True, sdpa=True)
     for want, have in zip(expected, got, strict=True):
         assert have.tokens == want.tokens
         for step, (a, b) in enumerate(zip(have.logits, want.logits, strict=True)):

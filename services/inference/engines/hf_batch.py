@@ -21,7 +21,7 @@ padded: such a model decodes each request on its own, as before batching.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ class DecodeBatch:
     positions: list[int]  # each row's true length = the position of the token it feeds next
     window: int  # see cache_window
     shared: bool = True  # False once a row outgrew the window: it decodes alone from then on
+    _next_mask: torch.Tensor | None = field(default=None, repr=False)  # step_inputs' grown mask, for stepped
 
     @classmethod
     def of_one(cls, row: Any, cache: DynamicCache, length: int) -> DecodeBatch:
@@ -81,6 +82,7 @@ class DecodeBatch:
             mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
             _sync_window_length(mine)
         self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(other.mask, length, dim=1)])
+        self._next_mask = None
         self.rows += other.rows
         self.positions += other.positions
         self.window = min(self.window, other.window)
@@ -92,6 +94,7 @@ class DecodeBatch:
         if not indices:
             self.rows, self.positions = [], []  # the engine drops an empty batch
             return
+        self._next_mask = None
         index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int(mask.shape[1] - mask.sum(dim=1).max())  # the longest kept row has no padding
@@ -117,18 +120,27 @@ class DecodeBatch:
         mask = torch.ones((1, self.positions[index]), dtype=torch.long, device=self.mask.device)
         return DecodeBatch([self.rows[index]], cache, mask, [self.positions[index]], self.window, shared=False)
 
-    def step_inputs(self, last_tokens: list[int]) -> dict[str, torch.Tensor]:
-        """The forward's inputs for one new token per row. One unpadded row needs no mask: the plain path."""
+    def step_inputs(self, last_tokens: list[int], *, sdpa: bool = False) -> dict[str, torch.Tensor]:
+        """The forward's inputs for one new token per row. Rows without padding need no mask: the plain path (one
+        row alone, as generate() runs it; position ids when rows differ). ``sdpa``: the padding mask goes in as
+        the 4-D boolean mask SDPA takes (a decoding row attends to every real position before it), which
+        transformers uses as given — building it from the 2-D mask each step was a tenth of a tiny model's step.
+        """
         device = self.mask.device
         input_ids = torch.tensor([[token] for token in last_tokens], device=device)
-        if len(self.rows) == 1 and self.positions[0] == self.length:
-            return {"input_ids": input_ids}
+        self._next_mask = self._grown_mask()
+        if all(position == self.length for position in self.positions):
+            if len(self.rows) == 1:
+                return {"input_ids": input_ids}
+            return {"input_ids": input_ids, "position_ids": torch.full_like(input_ids, self.length)}
         position_ids = torch.tensor([[position] for position in self.positions], device=device)
-        return {"input_ids": input_ids, "attention_mask": self._grown_mask(), "position_ids": position_ids}
+        mask = self._next_mask[:, None, None, :].bool() if sdpa else self._next_mask
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
 
     def stepped(self) -> None:
         """Every row fed one token: the cache grew by one column."""
-        self.mask = self._grown_mask()
+        self.mask = self._next_mask if self._next_mask is not None else self._grown_mask()
+        self._next_mask = None
         self.positions = [position + 1 for position in self.positions]
 
     def _grown_mask(self) -> torch.Tensor:
