@@ -123,18 +123,6 @@ class EngineDelta:
     cached_prompt_tokens: int = 0  # last delta only
 
 
-def merge_deltas(first: EngineDelta, then: EngineDelta) -> EngineDelta:
-    """One delta for two consecutive ones of a request: what a consumer that fell behind gets in one message."""
-    return EngineDelta(
-        text=first.text + then.text,
-        token_ids=first.token_ids + then.token_ids,
-        logprobs=first.logprobs + then.logprobs,
-        finish_reason=then.finish_reason,
-        matched_stop=then.matched_stop,
-        cached_prompt_tokens=then.cached_prompt_tokens,
-    )
-
-
 class InferenceEngine(Protocol):
     """A started engine. Every method is called from the service's event loop; engines keep blocking work off it.
 

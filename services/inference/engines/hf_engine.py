@@ -57,7 +57,6 @@ from services.inference.engine import (
     Sampling,
     TokenLogprob,
     TopLogprob,
-    merge_deltas,
 )
 from services.inference.engines.hf_batch import DecodeBatch, cache_window, prefill_groups, prefill_inputs
 from services.inference.engines.text import IncrementalDetokenizer, StopMatcher
@@ -186,20 +185,9 @@ class HfEngine:
                 item = await sequence.out.get()
                 if isinstance(item, BaseException):
                     raise item
-                # Deltas that queued up while the consumer was busy (sending the other streams' tokens) go on as
-                # one: one message through the core and gRPC instead of several, when the loop is the bottleneck.
-                error = None
-                while item.finish_reason is None and not sequence.out.empty():
-                    following = sequence.out.get_nowait()
-                    if isinstance(following, BaseException):
-                        error = following
-                        break
-                    item = merge_deltas(item, following)
                 yield item
                 if item.finish_reason is not None:
                     return
-                if error is not None:
-                    raise error
         finally:
             # Closed early or cancelled: the worker drops the request before its next step.
             sequence.aborted = True
