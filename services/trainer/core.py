@@ -673,6 +673,8 @@ class TrainerCore:
         if reason == "kill:cancel":
             raise _Cancel
         if code == runner.EXIT_DONE and self._output_complete(job):  # output/ appears only complete
+            if reason == "yield":  # asked to yield on its last steps, it finished instead: a handover all the same
+                self._metrics.yield_seconds.observe(time.monotonic() - run.signalled_at)
             return _Outcome.DONE
         if run.error is not None:  # the child understood what went wrong: no point in retrying
             run.error.metadata.setdefault("exit_code", str(code))

@@ -43,7 +43,8 @@ class TrainerMetrics:
         )
         self.yield_seconds = Histogram(
             "baton_trainer_yield_seconds",
-            "From asking the training process to yield (or stop) to its exit with a checkpoint.",
+            "From asking the training process to yield (or stop) to its exit: with a checkpoint, or with the finished "
+            "adapter when the ask came on its last steps.",
             buckets=_CHECKPOINT_BUCKETS,
             registry=registry,
         )

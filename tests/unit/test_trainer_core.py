@@ -120,6 +120,7 @@ class Harness:
     max_queued_jobs: int = 16
     nf4_supported: bool = True
     core: TrainerCore | None = None
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
     def registry(self) -> AdapterRegistry:
@@ -150,7 +151,8 @@ class Harness:
             validation=validation,
         )
         store = JobStore(self.root / "jobs.sqlite")
-        self.core = TrainerCore(store, self.registry, self.leases, config, TrainerMetrics(CollectorRegistry()),
+        self.metrics = CollectorRegistry()
+        self.core = TrainerCore(store, self.registry, self.leases, config, TrainerMetrics(self.metrics),
                                 self.hot_loader)  # fmt: skip
         await self.core.start()
         return self.core
@@ -373,6 +375,20 @@ async def test_yield_checkpoints_releases_and_resumes_when_granted_again(harness
     assert (Path(done.adapter.path) / "adapter_model.safetensors").read_text() == expected_weights(30)  # type: ignore[union-attr]
     messages = [e.message for e in await collect(core, job.job_id, after_seq=1)]
     assert any("asked to yield" in m for m in messages) and any(m.startswith("resumed from step") for m in messages)
+
+
+async def test_a_yield_asked_on_the_last_steps_that_finishes_instead_counts_as_a_handover(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_IGNORE_YIELD", "1")  # the child trains on to its last step, then exits done
+    core = await harness.start()
+    job = await core.submit(harness.spec(steps=40, every=10))
+    await harness.wait(job.job_id, lambda j: j.progress.step >= 3)
+    harness.leases.granted[0].yield_requested.set()
+    await harness.wait(job.job_id, lambda j: j.state == JobState.YIELDING)
+    done = await harness.finish(job.job_id)
+    assert done.state == JobState.SUCCEEDED and harness.leases.granted[0].released
+    assert harness.metrics.get_sample_value("baton_trainer_yield_seconds_count") == 1
 
 
 async def test_a_lost_lease_kills_the_child_at_once_and_the_job_resumes(harness: Harness) -> None:
