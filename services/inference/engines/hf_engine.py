@@ -129,6 +129,7 @@ class HfEngine:
         self._forward_kwargs: dict[str, Any] = {}
         self._pad_id = 0
         self._sdpa = False  # the model attends with torch's SDPA: decode steps hand it a ready 4-D mask
+        self._window = 0  # how long a row may grow in a shared batch (hf_batch.cache_window)
         self._slots: dict[int, AdapterSlot] = {}  # every added slot, resident or not
         self._resident: set[int] = set()  # slots whose weights are in the model now
         self._asleep = False
@@ -413,10 +414,9 @@ class HfEngine:
         for sequence in sequences:
             sequence.finished |= sequence.aborted
         live = [sequence for sequence in sequences if not sequence.finished]
-        window = cache_window(DynamicCache(config=self._model.config))
         lengths = [len(sequence.request.prompt_token_ids) for sequence in live]
         batches = []
-        for group in prefill_groups(lengths, PREFILL_BATCH_TOKENS, window):
+        for group in prefill_groups(lengths, PREFILL_BATCH_TOKENS, self._window):
             rows = [live[index] for index in group]
             try:
                 batches.append(self._prefill(rows))
@@ -633,6 +633,7 @@ class HfEngine:
         # What fills the left padding of a batched prefill (masked out: any real id will do).
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self._window = cache_window(DynamicCache(config=model.config))  # the model's, known once it is loaded
         # Only the last position's logits: a long prompt's full logits would take prompt × vocab floats.
         accepts = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
