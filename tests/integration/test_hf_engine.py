@@ -92,6 +92,24 @@ async def test_requests_arriving_together_are_prefilled_in_one_forward(tiny_llm:
         assert len(prefills) < len(requests) and max(rows for rows, _ in prefills) > 1, shapes
 
 
+async def test_requests_sent_together_to_an_idle_engine_share_the_first_prefill(tiny_llm: Path) -> None:
+    """Requests that reach an idle worker a millisecond apart (as a server hands over RPCs sent together) are
+    gathered into one prefill forward — not the first alone and the rest in the next round."""
+    async with started(HfEngine(make_config(tiny_llm))) as engine:
+        requests = [prompt_ids(tiny_llm, CHAT_PROMPTS[0])] * 4  # one length: one prefill group if gathered
+        sampling: dict[str, Any] = {"max_tokens": 4, "ignore_eos": True}
+        singles = [await run(engine, ids, **sampling) for ids in requests]
+        shapes = record_input_shapes(engine)
+        together = []
+        for index, ids in enumerate(requests):
+            together.append(asyncio.create_task(run(engine, ids, request_id=f"t{index}", **sampling)))
+            await asyncio.sleep(0.001)
+        outputs = await asyncio.gather(*together)
+        assert [out.token_ids for out in outputs] == [out.token_ids for out in singles]
+        prefills = [shape for shape in shapes if shape[1] > 1]
+        assert [rows for rows, _ in prefills] == [len(requests)], shapes
+
+
 def record_input_shapes(engine: HfEngine) -> list[tuple[int, int]]:
     """(rows, tokens) of every forward the engine's model runs from now on."""
     shapes: list[tuple[int, int]] = []

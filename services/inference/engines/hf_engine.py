@@ -110,6 +110,14 @@ class _Sequence:
         return self.request.adapter.slot_id if self.request.adapter else None
 
 
+# Requests sent together reach the worker a few milliseconds apart (the server takes their RPCs one after another).
+# An idle worker that receives one waits for the others — until none comes within ADMISSION_GAP_S, for at most
+# ADMISSION_WINDOW_S — and prefills them in one forward, instead of the first alone and the rest a prefill later.
+# A lone request pays the gap once (4 ms against a prefill of tens to hundreds).
+ADMISSION_GAP_S = 0.004
+ADMISSION_WINDOW_S = 0.025
+
+
 class HfEngine:
     """``InferenceEngine`` on transformers + peft (see the module docstring)."""
 
@@ -256,9 +264,12 @@ class HfEngine:
         self._stop()
 
     def _drain_inbox(self, *, block: bool) -> bool:
-        """Handle everything queued (waiting for the first item if ``block``); False once told to stop."""
+        """Handle everything queued (waiting for the first item if ``block``); False once told to stop.
+
+        An idle worker (``block``) that receives a request gathers the ones right behind it first (``_next_item``)."""
         try:
             item = self._inbox.get(block=block)
+            gather_until = time.monotonic() + ADMISSION_WINDOW_S if block else 0.0
             while True:
                 if item is _STOP:
                     return False
@@ -266,9 +277,17 @@ class HfEngine:
                     self._run_job(item)
                 else:
                     self._waiting.append(item)
-                item = self._inbox.get_nowait()
+                item = self._next_item(gather_until)
         except queue.Empty:
             return True
+
+    def _next_item(self, gather_until: float) -> Any:
+        """The next queued item (queue.Empty if none). While gathering — a request came to an idle worker, less than
+        ADMISSION_WINDOW_S ago — it waits up to ADMISSION_GAP_S for one still on its way."""
+        remaining = gather_until - time.monotonic()
+        if remaining <= 0 or not self._waiting:
+            return self._inbox.get_nowait()
+        return self._inbox.get(timeout=min(ADMISSION_GAP_S, remaining))
 
     @staticmethod
     def _run_job(job: _Job) -> None:
