@@ -15,6 +15,10 @@ own ``token_count`` when loading, and in tests). Two things of the engine are ke
 - The engine always L2-normalises; ``normalize=false`` therefore returns the same unit vectors (the card says so).
 
 The engine's OpenMP threads are set through ``OMP_NUM_THREADS`` before it loads (``inference_threads``).
+
+The same file also feeds the default backend, ONNX Runtime (``backends.load_e5_on_onnx``): ``read_weights`` and
+``unpack_sentence_transformer`` turn it into an XLM-RoBERTa sentence-transformers folder for the exporter, and
+``compact_word_embeddings`` puts the word table back into the exported graph as 4-bit codes and scales.
 """
 
 from __future__ import annotations
