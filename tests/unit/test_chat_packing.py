@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from baton.v1 import inference_pb2 as pb
 from services.gateway.chat.citations import citations, cited_numbers
 from services.gateway.chat.local_tokens import LocalTokenCounter, TokenCounters
 from services.gateway.chat.packing import (
+    WHOLE,
     Passage,
     SourcePolicy,
     TokenCounts,
@@ -26,7 +28,7 @@ from services.gateway.chat.packing import (
     sentence_spans,
     stems,
 )
-from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, Prompt, Turn
+from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, SOURCE_SEPARATOR, Prompt, Turn
 from services.inference.prompts import PromptTokenizer
 
 TOPICS = [
@@ -101,9 +103,17 @@ def conversation(question: str = "Where do otters sleep and why?") -> list[Turn]
     return [("system", "You are a careful assistant."), ("user", "Hello"), ("assistant", "Hi!"), ("user", question)]
 
 
-def pack(hits: list[Hit], counter: LocalCounter, reserved: int, chat: list[Turn] | None = None, query: str = ""):
+def pack(
+    hits: list[Hit],
+    counter: LocalCounter,
+    reserved: int,
+    chat: list[Turn] | None = None,
+    query: str = "",
+    policy: SourcePolicy = WHOLE,
+):
     chat = chat or conversation()
-    return asyncio.run(pack_context(hits, chat, counter, reserved_tokens=reserved, query=query or chat[-1][1]))
+    question = query or chat[-1][1]
+    return asyncio.run(pack_context(hits, chat, counter, reserved_tokens=reserved, query=question, policy=policy))
 
 
 def test_the_budget_is_never_exceeded(tokenizer: PromptTokenizer) -> None:
@@ -190,22 +200,29 @@ def test_no_room_means_no_sources(tokenizer: PromptTokenizer) -> None:
     assert packed.left_out == len(TOPICS) and counter.calls == 1
 
 
-def test_sources_are_numbered_in_the_last_user_turn_and_the_system_prompt_asks_for_citations(
+def test_sources_go_into_the_last_user_turn_bare_and_the_system_prompt_asks_for_the_sources_words(
     tokenizer: PromptTokenizer,
 ) -> None:
     packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64)
     system, *_, (role, last) = packed.prompt
     assert system == ("system", f"You are a careful assistant.\n\n{CITE_INSTRUCTION}")
-    assert (
-        role == "user"
-        and last.startswith("[1] ")  # no "Sources:" header for a chat (measured: prompt.py)
-        and last.endswith("Question: Where do otters sleep and why?")
-    )
-    numbers = [int(n) for n in re.findall(r"^\[(\d+)\] ", last, flags=re.MULTILINE)]
-    assert numbers == list(range(1, len(packed.passages) + 1))
+    bare = SOURCE_SEPARATOR.join(passage.text for passage in packed.passages)
+    assert len(packed.passages) > 1 and role == "user" and last == f"{bare}\n\nQuestion: Where do otters sleep and why?"
+    assert "[1]" not in last, "a chat model gets no labels unless asked (a small one copied them: prompt.py)"
     assert packed.prompt[1:3] == conversation()[1:3], "earlier turns are untouched (prefix cache)"
     plain = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, chat=[("user", "Hi")])
     assert plain.prompt[0] == ("system", CITE_INSTRUCTION)
+
+
+def test_labelled_sources_are_numbered_and_named_when_asked(tokenizer: PromptTokenizer) -> None:
+    labelled = dataclasses.replace(WHOLE, labels=True)
+    packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, policy=labelled)
+    last = packed.prompt[-1][1]
+    assert last.startswith("[1] ")  # no "Sources:" header for a chat (measured: prompt.py)
+    numbers = [int(n) for n in re.findall(r"^\[(\d+)\] ", last, flags=re.MULTILINE)]
+    assert numbers == list(range(1, len(packed.passages) + 1))
+    titles = [line.split(" ", 1)[1] for line in last.splitlines() if re.match(r"\[\d+\] ", line)]
+    assert titles == [passage.best.metadata["title"] for passage in packed.passages]
 
 
 def test_compress_drops_the_weakest_sentences_and_marks_the_gaps() -> None:

@@ -71,6 +71,7 @@ class SourcePolicy:
     max_sources: int = 0  # numbered sources at most (0: as many as the budget holds)
     min_relative_score: float = 0.0  # leave out chunks scoring below this share of the best chunk's score
     sentences: int = 0  # keep this many sentences of each chunk: those sharing the most words with the question
+    labels: bool | None = None  # start each source with "[n] Title — Heading" (None: the prompt format's choice)
 
 
 # The whole-context behaviour: every chunk that fits, whole (a large model reads many sources well).
@@ -96,12 +97,8 @@ class Passage:
     def score(self) -> float:
         return self.best.score
 
-    def block(self, number: int) -> str:
-        meta = self.best.metadata
-        page = meta.get("page")
-        return format_source(
-            number, str(meta.get("title", "")), str(meta.get("heading", "")), _int_or_none(page), self.text
-        )
+    def block(self, number: int, labelled: bool = True) -> str:
+        return format_source(number, *_label(self.best), self.text, labelled=labelled)
 
 
 @dataclass(frozen=True)
@@ -154,7 +151,8 @@ async def pack_context(
     terms = stems(query)
     candidates, cut = _close_to_best(candidates, policy.min_relative_score)
     candidates, focused = _focus_all(candidates, terms, policy.sentences)
-    blocks = [format_source(i, *_label(hit), hit.text) for i, hit in enumerate(candidates, 1)]
+    labelled = style.labels if policy.labels is None else policy.labels
+    blocks = [format_source(i, *_label(hit), hit.text, labelled=labelled) for i, hit in enumerate(candidates, 1)]
     counts = await counter.count([*blocks, SOURCE_SEPARATOR], style.render(conversation, []))
     separator_tokens = counts.texts[-1]
     limit = counts.max_model_len - reserved_tokens
@@ -166,7 +164,7 @@ async def pack_context(
     selection.left_out += cut
     for passage in selection.passages:
         passage.compressed |= passage.best.chunk_id in focused
-    packed = await _fit(base, conversation, counter, style, selection, limit, terms, duplicates)
+    packed = await _fit(base, conversation, counter, style, selection, limit, terms, duplicates, labelled)
     return _replace(packed, focused=sum(p.best.chunk_id in focused for p in packed.passages))
 
 
@@ -286,6 +284,7 @@ async def _fit(
     limit: int,
     terms: set[str],
     duplicates: int,
+    labelled: bool,
 ) -> PackedContext:
     """Count the real prompt; shrink the last passage until it fits (never return a prompt over ``limit``)."""
     passages = selection.passages
@@ -293,7 +292,7 @@ async def _fit(
     for _ in range(MAX_FIT_ROUNDS):
         if not passages:
             break
-        prompt = style.render(conversation, [p.block(n) for n, p in enumerate(passages, 1)])
+        prompt = style.render(conversation, [p.block(n, labelled) for n, p in enumerate(passages, 1)])
         prompt_tokens = (await counter.count([], prompt)).prompt
         if prompt_tokens <= limit:
             return _replace(
@@ -307,7 +306,7 @@ async def _fit(
                 left_out=left_out,
             )
         last = passages[-1]
-        shrunk = _shrink(last, prompt_tokens - limit, terms)
+        shrunk = _shrink(last, prompt_tokens - limit, terms, labelled)
         if shrunk is None:
             passages = passages[:-1]
             left_out += len(last.hits)
@@ -318,10 +317,10 @@ async def _fit(
     return _replace(base, duplicates=duplicates, compressed=compressed, left_out=left_out)
 
 
-def _shrink(passage: Passage, overflow: int, terms: set[str]) -> Passage | None:
+def _shrink(passage: Passage, overflow: int, terms: set[str], labelled: bool) -> Passage | None:
     """The passage with enough of its weakest sentences dropped to save ``overflow`` tokens (with a margin for the
     estimate), or None if too little would be left."""
-    header_chars = len(passage.block(1)) - len(passage.text)
+    header_chars = len(passage.block(1, labelled)) - len(passage.text)
     text_tokens = _proportion(passage.tokens, len(passage.text), len(passage.text) + header_chars)
     target = text_tokens - overflow - max(2, overflow // 8)
     return _compressed_passage(passage.hits, passage.text, text_tokens, target, terms, passage.tokens - text_tokens)

@@ -39,11 +39,16 @@ COMPLETION_STOP = ("\n\n", "\nQuestion:")
 
 
 class PromptFormat(Protocol):
-    """Turns the conversation and the numbered source blocks into what the model reads."""
+    """Turns the conversation and the source blocks into what the model reads."""
 
     @property
     def stop(self) -> tuple[str, ...]:
         """Stop strings the format needs besides the request's own."""
+        ...
+
+    @property
+    def labels(self) -> bool:
+        """Whether a source block starts with its number and name (``[1] Title``) unless the request says."""
         ...
 
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> Prompt:
@@ -51,8 +56,10 @@ class PromptFormat(Protocol):
         ...
 
 
-def format_source(number: int, title: str, heading: str, page: int | None, text: str) -> str:
-    """``[n] Title — Heading (p. 3)`` on one line, then the passage."""
+def format_source(number: int, title: str, heading: str, page: int | None, text: str, *, labelled: bool = True) -> str:
+    """``[n] Title — Heading (p. 3)`` on one line, then the passage; unlabelled: the passage alone."""
+    if not labelled:
+        return text
     label = title.strip() or "untitled"
     if heading.strip():
         label += f" — {heading.strip()}"
@@ -71,6 +78,9 @@ def last_user_index(conversation: Sequence[Turn]) -> int | None:
 @dataclass(frozen=True)
 class ChatFormat:
     stop: tuple[str, ...] = ()
+    # Sources as bare passages: SmolLM2-135M, given "[1] Title" lines, copied the markers and titles into its
+    # answers ("The answer is: [2] Kurt Coleman"); measured on XQuAD-en (prompt_eval in docs/evaluation.md).
+    labels: bool = False
 
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> list[Turn]:
         """The conversation as the model sees it: unchanged without sources; else the instruction in the system
@@ -93,6 +103,7 @@ class ChatFormat:
 @dataclass(frozen=True)
 class CompletionFormat:
     stop: tuple[str, ...] = COMPLETION_STOP
+    labels: bool = True  # its instruction asks for [n] citations
 
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> str:
         """System text, then the earlier turns as Question/Answer lines, then (with sources) the instruction and the

@@ -75,6 +75,11 @@ class BatonChatOptions(BaseModel):
     min_relative_score: float | None = Field(
         None, ge=0, le=1, description="Leave out chunks scoring below this share of the best one's score [default]."
     )
+    labels: bool | None = Field(
+        None,
+        description="Start each source with its number and title ('[1] Title — Heading'), so that the model can "
+        "cite by number [a chat model: off, measured better for small models; a base model: on].",
+    )
 
 
 class ChatCompletionRequest(BaseModel):

@@ -54,6 +54,7 @@ class RagOptions:
     max_sources: int | None = None
     min_relative_score: float | None = None
     sentences: int | None = None
+    labels: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,12 @@ class ChatService:
 
     def policy(self, rag: RagOptions) -> SourcePolicy:
         """The service's source policy with the request's own choices applied."""
-        asked = {"max_sources": rag.max_sources, "min_relative_score": rag.min_relative_score}
-        asked["sentences"] = rag.sentences
+        asked = {
+            "max_sources": rag.max_sources,
+            "min_relative_score": rag.min_relative_score,
+            "sentences": rag.sentences,
+            "labels": rag.labels,
+        }
         return dataclasses.replace(self._policy, **{name: value for name, value in asked.items() if value is not None})
 
     async def start(self, prepared: PreparedChat) -> Generation:

@@ -91,6 +91,7 @@ def decode(body: ChatCompletionRequest, tenant: str, settings: GatewaySettings) 
         max_sources=options.sources if options else None,
         min_relative_score=options.min_relative_score if options else None,
         sentences=options.sentences if options else None,
+        labels=options.labels if options else None,
     )
     conversation = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in body.messages)
     return ChatCall(tenant, body.model or "", conversation, body.sampling(), rag, body.chat_template_kwargs)
