@@ -28,7 +28,8 @@ from services.gateway.chat.packing import (
     sentence_spans,
     stems,
 )
-from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, SOURCE_SEPARATOR, Prompt, Turn
+from services.gateway.chat.prompt import CHAT, CITE_INSTRUCTION, COMPLETION, SOURCE_SEPARATOR, Prompt, Turn
+from services.gateway.chat.service import ChatService, RagOptions
 from services.inference.prompts import PromptTokenizer
 
 TOPICS = [
@@ -200,29 +201,41 @@ def test_no_room_means_no_sources(tokenizer: PromptTokenizer) -> None:
     assert packed.left_out == len(TOPICS) and counter.calls == 1
 
 
-def test_sources_go_into_the_last_user_turn_bare_and_the_system_prompt_asks_for_the_sources_words(
+def test_sources_are_numbered_in_the_last_user_turn_and_the_system_prompt_asks_for_citations(
     tokenizer: PromptTokenizer,
 ) -> None:
     packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64)
     system, *_, (role, last) = packed.prompt
     assert system == ("system", f"You are a careful assistant.\n\n{CITE_INSTRUCTION}")
-    bare = SOURCE_SEPARATOR.join(passage.text for passage in packed.passages)
-    assert len(packed.passages) > 1 and role == "user" and last == f"{bare}\n\nQuestion: Where do otters sleep and why?"
-    assert "[1]" not in last, "a chat model gets no labels unless asked (a small one copied them: prompt.py)"
+    assert (
+        role == "user"
+        and last.startswith("[1] ")  # no "Sources:" header for a chat (measured: prompt.py)
+        and last.endswith("Question: Where do otters sleep and why?")
+    )
+    numbers = [int(n) for n in re.findall(r"^\[(\d+)\] ", last, flags=re.MULTILINE)]
+    assert numbers == list(range(1, len(packed.passages) + 1))
+    titles = [line.split(" ", 1)[1] for line in last.splitlines() if re.match(r"\[\d+\] ", line)]
+    assert titles == [passage.best.metadata["title"] for passage in packed.passages]
     assert packed.prompt[1:3] == conversation()[1:3], "earlier turns are untouched (prefix cache)"
     plain = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, chat=[("user", "Hi")])
     assert plain.prompt[0] == ("system", CITE_INSTRUCTION)
 
 
-def test_labelled_sources_are_numbered_and_named_when_asked(tokenizer: PromptTokenizer) -> None:
-    labelled = dataclasses.replace(WHOLE, labels=True)
-    packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, policy=labelled)
-    last = packed.prompt[-1][1]
-    assert last.startswith("[1] ")  # no "Sources:" header for a chat (measured: prompt.py)
-    numbers = [int(n) for n in re.findall(r"^\[(\d+)\] ", last, flags=re.MULTILINE)]
-    assert numbers == list(range(1, len(packed.passages) + 1))
-    titles = [line.split(" ", 1)[1] for line in last.splitlines() if re.match(r"\[\d+\] ", line)]
-    assert titles == [passage.best.metadata["title"] for passage in packed.passages]
+def test_unlabelled_sources_are_the_passages_alone(tokenizer: PromptTokenizer) -> None:
+    bare = dataclasses.replace(WHOLE, labels=False)
+    packed = pack(topic_hits(random.Random(3)), LocalCounter(tokenizer, 4096), reserved=64, policy=bare)
+    passages = SOURCE_SEPARATOR.join(passage.text for passage in packed.passages)
+    assert len(packed.passages) > 1
+    assert packed.prompt[-1] == ("user", f"{passages}\n\nQuestion: Where do otters sleep and why?")
+    assert citations(packed.passages)[1]["marker"] == "[2]", "the client still gets numbered citations"
+
+
+def test_a_chat_model_gets_bare_sources_a_base_model_numbered_ones_unless_the_request_says() -> None:
+    service = ChatService(None, None, answer_tokens=64)  # type: ignore[arg-type]  # policy() uses neither
+    chat, completion = service.policy(RagOptions(True), CHAT), service.policy(RagOptions(True), COMPLETION)
+    assert (chat.labels, chat.sentences) == (False, 2) and (completion.labels, completion.sentences) == (True, 2)
+    asked = service.policy(RagOptions(True, labels=True, sentences=0), CHAT)
+    assert (asked.labels, asked.sentences, asked.max_sources) == (True, 0, chat.max_sources)
 
 
 def test_compress_drops_the_weakest_sentences_and_marks_the_gaps() -> None:

@@ -11,7 +11,7 @@ citing instruction and an empty sources frame, counted by the inference service'
    source; distractors beside it only confuse a small model), and each chunk may be *focused* on the sentences that
    share the most words with the question. Measured on XQuAD-en with SmolLM2-135M-Instruct (questions 200–300):
    eight whole sources → 0.07 of answers contain the gold answer; the best source alone → 0.33; focused on its two
-   best sentences → 0.42 (0.46 with the chat format's instruction). See ``DEFAULT_POLICY``.
+   best sentences → 0.42 (0.46 with the chat format's instruction). See ``service.DEFAULT_POLICIES``.
 2. Walk the rest best-first. A chunk that overlaps or continues a passage already taken (same document and section,
    overlapping span or the next/previous chunk) is merged into it, paying only for the new text and no second
    header; any other chunk becomes a new numbered passage if it fits.
@@ -71,7 +71,7 @@ class SourcePolicy:
     max_sources: int = 0  # numbered sources at most (0: as many as the budget holds)
     min_relative_score: float = 0.0  # leave out chunks scoring below this share of the best chunk's score
     sentences: int = 0  # keep this many sentences of each chunk: those sharing the most words with the question
-    labels: bool | None = None  # start each source with "[n] Title — Heading" (None: the prompt format's choice)
+    labels: bool = True  # start each source with "[n] Title — Heading"; off: the passage alone
 
 
 # The whole-context behaviour: every chunk that fits, whole (a large model reads many sources well).
@@ -151,7 +151,7 @@ async def pack_context(
     terms = stems(query)
     candidates, cut = _close_to_best(candidates, policy.min_relative_score)
     candidates, focused = _focus_all(candidates, terms, policy.sentences)
-    labelled = style.labels if policy.labels is None else policy.labels
+    labelled = policy.labels
     blocks = [format_source(i, *_label(hit), hit.text, labelled=labelled) for i, hit in enumerate(candidates, 1)]
     counts = await counter.count([*blocks, SOURCE_SEPARATOR], style.render(conversation, []))
     separator_tokens = counts.texts[-1]

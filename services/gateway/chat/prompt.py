@@ -46,11 +46,6 @@ class PromptFormat(Protocol):
         """Stop strings the format needs besides the request's own."""
         ...
 
-    @property
-    def labels(self) -> bool:
-        """Whether a source block starts with its number and name (``[1] Title``) unless the request says."""
-        ...
-
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> Prompt:
         """``sources`` None: no memory used; a list (possibly empty, to measure the frame alone): with sources."""
         ...
@@ -78,9 +73,6 @@ def last_user_index(conversation: Sequence[Turn]) -> int | None:
 @dataclass(frozen=True)
 class ChatFormat:
     stop: tuple[str, ...] = ()
-    # Sources as bare passages: SmolLM2-135M, given "[1] Title" lines, copied the markers and titles into its
-    # answers ("The answer is: [2] Kurt Coleman"); measured on XQuAD-en (prompt_eval in docs/evaluation.md).
-    labels: bool = False
 
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> list[Turn]:
         """The conversation as the model sees it: unchanged without sources; else the instruction in the system
@@ -103,7 +95,6 @@ class ChatFormat:
 @dataclass(frozen=True)
 class CompletionFormat:
     stop: tuple[str, ...] = COMPLETION_STOP
-    labels: bool = True  # its instruction asks for [n] citations
 
     def render(self, conversation: Sequence[Turn], sources: Sequence[str] | None) -> str:
         """System text, then the earlier turns as Question/Answer lines, then (with sources) the instruction and the

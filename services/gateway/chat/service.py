@@ -14,7 +14,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,23 @@ from services.gateway.chat import metrics
 from services.gateway.chat.citations import citations
 from services.gateway.chat.local_tokens import TokenCounters
 from services.gateway.chat.packing import PackedContext, SourcePolicy, pack_context
-from services.gateway.chat.prompt import Prompt, PromptFormat, Turn, last_user_index, prompt_format
+from services.gateway.chat.prompt import CHAT, COMPLETION, Prompt, PromptFormat, Turn, last_user_index, prompt_format
 from services.gateway.chat.protocol import MAX_STOP_STRINGS
 from services.gateway.retrieval import MAX_QUERY_CHARS, Retriever, SearchRequest, SearchTimings
 
 # Info is static while the inference process lives; a short cache spares one RPC per chat yet notices a restart
 # with another model within seconds.
 INFO_TTL_S = 10.0
-# Which retrieved chunks become sources, tuned on XQuAD-en with the small models this project serves (see
-# packing.py and docs/gateway.md's chat section for the measurements); a large model may read more: SourcePolicy().
-DEFAULT_POLICY = SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2)
+# Which retrieved chunks become sources and how they are shown, per prompt format, each tuned on XQuAD-en with the
+# small model served that way (packing.py; benchmarks/eval_prompt.py and docs/evaluation.md for the measurements): a
+# few best sources, each cut to its two sentences nearest the question (one sentence: as many right answers, fewer
+# cited right); for SmolLM2-135M (chat) shown bare, as given "[1] Title" lines it copied markers and titles into its
+# answers; Gemma 3 270M (a base model, completion) keeps the numbered sources its instruction asks it to cite. A
+# large model may read more: SourcePolicy().
+DEFAULT_POLICIES: Mapping[PromptFormat, SourcePolicy] = {
+    CHAT: SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2, labels=False),
+    COMPLETION: SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2, labels=True),
+}
 
 
 def new_completion_id() -> str:
@@ -160,14 +167,14 @@ class ChatService:
         retriever: Retriever,
         *,
         answer_tokens: int,
-        policy: SourcePolicy = DEFAULT_POLICY,
+        policies: Mapping[PromptFormat, SourcePolicy] = DEFAULT_POLICIES,
         local_token_counts: bool = True,
     ) -> None:
         self._inference = inference
         self._counters = TokenCounters(inference, local=local_token_counts)
         self._retriever = retriever
         self._answer_tokens = answer_tokens
-        self._policy = policy
+        self._policies = policies
         self._info: pb.InferenceInfoResponse | None = None
         self._info_at = 0.0
         self._first_seen: dict[str, int] = {}
@@ -221,7 +228,7 @@ class ChatService:
         try:
             packed = await pack_context(
                 hits, call.conversation, counter, reserved_tokens=reserved, query=query, style=style,
-                policy=self.policy(call.rag),
+                policy=self.policy(call.rag, style),
             )  # fmt: skip
         except BatonError as error:
             raise self._translate(error, call.model) from None
@@ -234,15 +241,17 @@ class ChatService:
             metrics.CONTEXT_TOKENS.observe(packed.prompt_tokens)
         return prepared
 
-    def policy(self, rag: RagOptions) -> SourcePolicy:
-        """The service's source policy with the request's own choices applied."""
+    def policy(self, rag: RagOptions, style: PromptFormat) -> SourcePolicy:
+        """The service's source policy for ``style`` with the request's own choices applied."""
         asked = {
             "max_sources": rag.max_sources,
             "min_relative_score": rag.min_relative_score,
             "sentences": rag.sentences,
             "labels": rag.labels,
         }
-        return dataclasses.replace(self._policy, **{name: value for name, value in asked.items() if value is not None})
+        return dataclasses.replace(
+            self._policies[style], **{name: value for name, value in asked.items() if value is not None}
+        )
 
     async def start(self, prepared: PreparedChat) -> Generation:
         call = prepared.call
