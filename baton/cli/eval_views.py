@@ -114,10 +114,10 @@ def heldout_from_job(registered: RegisteredVersion, jobs_dir: Path) -> tuple[lis
 
     The adapter's metadata lists them (``dataset.eval_document_ids``); they are read again from the job's documents
     (spec.json in its job folder, kept after the job ends) with the trainer's own reader. Adapters trained before
-    the list was recorded get the split recomputed from the job's seed and eval_fraction with the trainer's own
-    splitter, checked against the number of eval documents the metadata recorded.
+    the list was recorded get the split recomputed from the job's seed and eval_fraction with the trainer's splitter
+    of that time (``split_by_position``), checked against the number of eval documents the metadata recorded.
     """
-    from services.trainer.dataset import split_documents
+    from services.trainer.dataset import split_by_position
 
     spec = _job_spec(registered, jobs_dir)
     documents = _training_documents(spec, registered)
@@ -126,7 +126,7 @@ def heldout_from_job(registered: RegisteredVersion, jobs_dir: Path) -> tuple[lis
         wanted = set(map(str, recorded_ids))
         held = [index for index, document in enumerate(documents) if str(document.id) in wanted]
     else:
-        _, held = split_documents(len(documents), spec.hyper.eval_fraction, spec.hyper.seed)
+        _, held = split_by_position(len(documents), spec.hyper.eval_fraction, spec.hyper.seed)
     recorded = (registered.metadata.get("dataset") or {}).get("eval_documents")
     if recorded is not None and int(recorded) != len(held):
         raise FailedPrecondition(

@@ -10,9 +10,10 @@ Two shapes of data:
   longest example). Loss on the assistant turns only (their content and the end-of-turn token) unless
   ``train_on_prompt``.
 
-The train/eval split is by document (a JSONL line is a document) and a function of the seed alone, so one document
-is never in both splits and a restarted job sees the same split. Everything here is pure and transport-free: it
-takes a tokenizer and returns lists of token ids, statistics and a data hash; the worker turns them into tensors.
+The train/eval split is by document (a JSONL line is a document) and a function of the seed and the documents' texts
+alone, so one document is never in both splits, a restarted job sees the same split, and so does another machine.
+Everything here is pure and transport-free: it takes a tokenizer and returns lists of token ids, statistics and a data
+hash; the worker turns them into tensors.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from baton.runtime.files import model_config
 from services.gateway.ingest.clean import clean_text
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
-DATA_HASH_VERSION = 1  # bump when the block layout changes: equal hashes must mean equal training input
+# Bump when the block layout or the split changes: equal hashes must mean equal training input. 2: split by content.
+DATA_HASH_VERSION = 2
 MAX_REPORTED_LINES = 10
 
 LineFormat = Literal["text", "messages"]
@@ -111,6 +113,11 @@ class _Document:
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
 
+    @property
+    def key(self) -> str:
+        """What the split hashes: the text, or the conversation as JSON."""
+        return self.text if self.text is not None else json.dumps(self.messages, ensure_ascii=False, sort_keys=True)
+
 
 # --------------------------------------------------------------------------------------------------- entry points
 
@@ -148,7 +155,7 @@ def build_dataset(
         raise InvalidArgument(_empty_message(source), reason="EMPTY_DATASET")
     train_on_prompt = isinstance(source, JsonlSource) and source.train_on_prompt
     encoded = [_encode(doc, tokenizer, train_on_prompt) for doc in documents]
-    train_idx, eval_idx = split_documents(len(documents), eval_fraction, seed)
+    train_idx, eval_idx = split_documents([doc.key for doc in documents], eval_fraction, seed)
     if fmt == "text":
         prefix = leading_special_ids(tokenizer)
         train = _pack([encoded[i] for i in train_idx], seq_len, prefix)
@@ -186,12 +193,27 @@ def build_dataset(
     return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, list(header["eval"]))
 
 
-def split_documents(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of the train and eval documents, each in their original order.
+def split_documents(keys: Sequence[str], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the train and eval documents, each in their original order; ``keys`` are their texts.
 
-    A seeded shuffle picks ``round(count * eval_fraction)`` eval documents — at least one when there are two or
-    more documents and eval_fraction > 0, and never all of them, so training always has data.
+    ``round(len(keys) * eval_fraction)`` documents are held out — at least one when there are two or more and
+    eval_fraction > 0, never all of them, so training always has data: those whose seeded hash of their text is
+    smallest. The split is a function of the documents themselves, not of the order they come in (a catalog lists
+    them by ids that differ between machines), and a document added later leaves the others' split as it was but
+    for at most one.
     """
+    count = len(keys)
+    if eval_fraction <= 0 or count < 2:
+        return list(range(count)), []
+    n_eval = min(count - 1, max(1, round(count * eval_fraction)))
+    ranked = sorted(range(count), key=lambda i: (hashlib.sha256(f"baton-split:{seed}\0{keys[i]}".encode()).digest(), i))
+    held_out = set(ranked[:n_eval])
+    return [i for i in range(count) if i not in held_out], sorted(held_out)
+
+
+def split_by_position(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The split before data hash version 2 (a seeded shuffle of positions), for adapters trained then, whose
+    metadata does not list their held-out documents."""
     if eval_fraction <= 0 or count < 2:
         return list(range(count)), []
     n_eval = min(count - 1, max(1, round(count * eval_fraction)))

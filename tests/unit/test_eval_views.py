@@ -27,7 +27,7 @@ from baton.evaluation.views import (
     load_texts,
 )
 from baton.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.trainer.dataset import split_documents
+from services.trainer.dataset import split_by_position
 from services.trainer.registry import AdapterRegistry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -310,7 +310,7 @@ def test_the_held_out_documents_are_the_trainers_split(tmp_path: Path) -> None:
     registered = AdapterRegistry(tmp_path / "adapters").read("views", 1)
     texts, note = heldout_from_job(registered, tmp_path / "trainer" / "jobs")
     kept = [d for d in documents if d.strip()]
-    assert texts == [kept[i] for i in split_documents(len(kept), 0.25, 7)[1]]
+    assert texts == [kept[i] for i in split_by_position(len(kept), 0.25, 7)[1]]
     assert "2 of 8 documents job job-1 kept out" in note
 
     write_job(tmp_path, "job-2", documents, eval_fraction=0.5)
@@ -325,7 +325,7 @@ def test_the_held_out_lines_of_a_jsonl_job_and_the_refusal_of_chat_lines(tmp_pat
     write_spec(tmp_path, "job-1", {"kind": "jsonl", "path": str(data), "format": "auto"})
     register(tmp_path, "views", "job-1", base=tmp_path)
     held, _ = heldout_from_job(AdapterRegistry(tmp_path / "adapters").read("views", 1), tmp_path / "trainer" / "jobs")
-    assert held == [texts[split_documents(4, 0.25, 7)[1][0]]]
+    assert held == [texts[split_by_position(4, 0.25, 7)[1][0]]]
 
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     chats = write_lines(tmp_path / "chat.jsonl", [json.dumps(chat)] * 4)

@@ -20,6 +20,7 @@ from services.trainer.dataset import (
     build_dataset,
     load_tokenizer,
     model_max_positions,
+    split_by_position,
     split_documents,
 )
 
@@ -106,10 +107,29 @@ def test_split_is_by_document_deterministic_and_never_overlaps(tmp_path: Path, t
     [(1, 0.1, 0), (2, 0.1, 1), (10, 0.1, 1), (100, 0.1, 10), (3, 0.5, 2), (50, 0.0, 0)],
 )
 def test_eval_split_size(count: int, fraction: float, expected_eval: int) -> None:
-    train, held_out = split_documents(count, fraction, seed=0)
-    assert len(held_out) == expected_eval
-    assert sorted(train + held_out) == list(range(count)) and not set(train) & set(held_out)
-    assert train, "training always keeps at least one document"
+    for split in (
+        split_documents([f"text {i}" for i in range(count)], fraction, seed=0),
+        split_by_position(count, fraction, seed=0),
+    ):
+        train, held_out = split
+        assert len(held_out) == expected_eval
+        assert sorted(train + held_out) == list(range(count)) and not set(train) & set(held_out)
+        assert train, "training always keeps at least one document"
+
+
+def test_the_split_follows_the_texts_not_their_order() -> None:
+    texts = [f"an essay about subject {i}" for i in range(30)]
+
+    def held_out(keys: list[str], seed: int = 3) -> set[str]:
+        return {keys[i] for i in split_documents(keys, 0.2, seed)[1]}
+
+    chosen = held_out(texts)
+    assert len(chosen) == 6 and held_out(texts[::-1]) == chosen  # another machine's catalog order: the same split
+    assert held_out(texts, seed=4) != chosen
+    grown = held_out([*texts[:10], "a new essay", *texts[10:]])  # one more document: the others mostly stay put
+    assert len(grown & chosen) >= len(chosen) - 1
+    duplicates = split_documents(["same", "same", "other"], 0.34, seed=0)[1]
+    assert len(duplicates) == 1  # equal texts still count once each
 
 
 def test_same_input_same_hash_and_settings_change_it(tmp_path: Path, tokenizer: Any) -> None:
