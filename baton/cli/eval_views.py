@@ -221,6 +221,7 @@ def evaluate_registered_adapter(
         device=device,
         label=f"{registered.name} v{registered.version}",
         notes=inputs.notes,
+        heldout_sources=inputs.heldout_sources,
     )
 
 
@@ -230,6 +231,7 @@ class _Inputs:
     control: list[str]
     probe: list[ProbePair]
     notes: list[str]  # where each came from, printed under the table
+    heldout_sources: list[str]  # where the held-out documents were ingested from, when the job's split is used
 
 
 def _gather_inputs(
@@ -244,17 +246,19 @@ def _gather_inputs(
 
     pairs = load_probe(probe) if probe is not None else []  # bad lines fail before minutes of model loading
     control_texts = load_texts(control, limit=control_limit) if control else default_control_texts()
+    sources: list[str] = []
     if heldout is not None:
         heldout_texts, heldout_note = load_texts(heldout), f"held-out: {heldout}"
     else:
         heldout_texts, heldout_note = heldout_from_job(registered, jobs_dir)
+        sources = [str(s) for s in (registered.metadata.get("dataset") or {}).get("eval_document_sources") or []]
     notes = [
         heldout_note,
         f"control: {control}" if control else "control: the bundled English and Russian set",
         *([f"probe: {probe}"] if probe else []),
         f"adapter: {registered.path}",
     ]
-    return _Inputs(heldout_texts, control_texts, pairs, notes)
+    return _Inputs(heldout_texts, control_texts, pairs, notes, sources)
 
 
 # ------------------------------------------------------------------------------------------------------- the CLI

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -240,6 +240,7 @@ class PairScore:
     base_opposite: float
     adapter_author: float
     adapter_opposite: float
+    held_out: bool | None = None  # the pair's source document was held out of training (None: not known)
 
     @property
     def base_margin(self) -> float:
@@ -259,6 +260,18 @@ class StanceResult:
 
     pairs: tuple[PairScore, ...]
 
+    def by_source(self) -> dict[str, StanceResult]:
+        """The pairs whose source document the adapter trained on, and those whose source it never saw — known when
+        the pairs name their ``source`` and the training split is recorded. A position the adapter could only
+        infer from other texts is a different test from one it read."""
+        groups = {
+            "trained": tuple(p for p in self.pairs if p.held_out is False),
+            "held_out": tuple(p for p in self.pairs if p.held_out),
+        }
+        if not groups["held_out"]:
+            return {}
+        return {name: StanceResult(pairs) for name, pairs in groups.items() if pairs}
+
     @property
     def base_preferred(self) -> float:
         return sum(p.base_margin > 0 for p in self.pairs) / len(self.pairs)
@@ -275,15 +288,18 @@ class StanceResult:
     def adapter_mean_margin(self) -> float:
         return sum(p.adapter_margin for p in self.pairs) / len(self.pairs)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, items: bool = True) -> dict[str, Any]:
+        record: dict[str, Any] = {
             "pairs": len(self.pairs),
             "base_preferred": self.base_preferred,
             "adapter_preferred": self.adapter_preferred,
             "base_mean_margin": self.base_mean_margin,
             "adapter_mean_margin": self.adapter_mean_margin,
-            "items": [pair.to_dict() for pair in self.pairs],
         }
+        if items:
+            record["by_source"] = {name: group.to_dict(items=False) for name, group in self.by_source().items()}
+            record["items"] = [pair.to_dict() for pair in self.pairs]
+        return record
 
 
 @dataclass(frozen=True)
@@ -358,15 +374,16 @@ def _perplexity_row(label: str, value: Perplexity) -> tuple[str, str, str, str]:
     )
 
 
+_GROUP_LABELS = {"trained": "source trained on", "held_out": "source held out"}
+
+
 def _stance_rows(stance: StanceResult) -> list[tuple[str, str, str, str]]:
-    change = (stance.adapter_preferred - stance.base_preferred) * 100
     margin = stance.adapter_mean_margin - stance.base_mean_margin
     return [
-        (
-            f"stance: author's side preferred ({_count(len(stance.pairs), 'pair')})",
-            f"{stance.base_preferred * 100:.1f} %",
-            f"{stance.adapter_preferred * 100:.1f} %",
-            f"{change:+.1f} pp",
+        _preferred_row(f"stance: author's side preferred ({_count(len(stance.pairs), 'pair')})", stance),
+        *(
+            _preferred_row(f"  of which {_GROUP_LABELS[name]} ({_count(len(group.pairs), 'pair')})", group)
+            for name, group in stance.by_source().items()
         ),
         (
             "stance: mean log-likelihood margin (nats)",
@@ -375,6 +392,16 @@ def _stance_rows(stance: StanceResult) -> list[tuple[str, str, str, str]]:
             f"{margin:+.2f}",
         ),
     ]
+
+
+def _preferred_row(label: str, stance: StanceResult) -> tuple[str, str, str, str]:
+    change = (stance.adapter_preferred - stance.base_preferred) * 100
+    return (
+        label,
+        f"{stance.base_preferred * 100:.1f} %",
+        f"{stance.adapter_preferred * 100:.1f} %",
+        f"{change:+.1f} pp",
+    )
 
 
 def _aligned(rows: list[tuple[str, str, str, str]]) -> list[str]:
@@ -540,6 +567,7 @@ def evaluate_views(
     window: int = DEFAULT_WINDOW,
     label: str | None = None,
     notes: Sequence[str] = (),
+    heldout_sources: Collection[str] = (),
 ) -> ViewsReport:
     """Score ``heldout``, ``control`` and the ``probe`` statements with the base model and with the adapter.
 
@@ -548,6 +576,9 @@ def evaluate_views(
     sentence and compares like with like, while a mean per token would shift the verdict whenever the two sides
     tokenize into a different number of tokens (a side with one extra easy token would gain a better mean for
     free). A tie (equal sums) counts as not preferring the author's side.
+
+    ``heldout_sources``: the file names of the held-out documents; probe pairs whose ``source`` is one of them are
+    reported apart (``StanceResult.by_source``).
     """
     if not heldout:
         raise InvalidArgument("no held-out texts to score; give texts by the author that the adapter did not see")
@@ -571,7 +602,7 @@ def evaluate_views(
         seconds=round(time.monotonic() - started, 2),
         heldout=_perplexity(len(heldout), base[: cut[0]], tuned[: cut[0]]),
         control=_perplexity(len(control), base[cut[0] : cut[1]], tuned[cut[0] : cut[1]]) if control else None,
-        stance=_stance(probe, base[cut[1] :], tuned[cut[1] :]) if probe else None,
+        stance=_stance(probe, base[cut[1] :], tuned[cut[1] :], heldout_sources) if probe else None,
         notes=tuple(notes),
     )
 
@@ -588,9 +619,19 @@ def _perplexity(texts: int, base: list[tuple[float, int]], tuned: list[tuple[flo
     )
 
 
-def _stance(probe: Sequence[ProbePair], base: list[tuple[float, int]], tuned: list[tuple[float, int]]) -> StanceResult:
+def _stance(
+    probe: Sequence[ProbePair],
+    base: list[tuple[float, int]],
+    tuned: list[tuple[float, int]],
+    heldout_sources: Collection[str] = (),
+) -> StanceResult:
+    held = {Path(name).name for name in heldout_sources if name}
+
+    def held_out(pair: ProbePair) -> bool | None:
+        return Path(pair.source).name in held if held and pair.source else None
+
     pairs = tuple(
-        PairScore(pair.id, base[2 * i][0], base[2 * i + 1][0], tuned[2 * i][0], tuned[2 * i + 1][0])
+        PairScore(pair.id, base[2 * i][0], base[2 * i + 1][0], tuned[2 * i][0], tuned[2 * i + 1][0], held_out(pair))
         for i, pair in enumerate(probe)
     )
     return StanceResult(pairs)

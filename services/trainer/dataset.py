@@ -43,10 +43,11 @@ LineFormat = Literal["text", "messages"]
 
 @dataclass(frozen=True)
 class TextDocument:
-    """An ingested document: its catalog id and the file holding its cleaned UTF-8 text."""
+    """An ingested document: its catalog id, the file holding its cleaned UTF-8 text, and where it came from."""
 
     id: str
     path: Path
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class BuiltDataset:
     pad_token_id: int
     notes: list[str] = field(default_factory=list)  # things people should know (skipped documents, truncation)
     eval_document_ids: list[str] = field(default_factory=list)  # the held-out documents (baton eval views reads them)
+    eval_document_sources: list[str] = field(default_factory=list)  # where they were ingested from ("" if unknown)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class _Document:
     id: str  # "line 17" for JSONL, the catalog id for ingested documents
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    source: str = ""
 
     @property
     def key(self) -> str:
@@ -131,7 +134,10 @@ def source_from_spec(spec: dict[str, Any]) -> DatasetSource:
             raise InvalidArgument(f"dataset format {fmt!r} is unknown; use auto, text or messages")
         return JsonlSource(Path(spec["path"]), fmt, bool(spec.get("train_on_prompt", False)))
     if kind == "texts":
-        documents = tuple(TextDocument(str(doc["id"]), Path(doc["path"])) for doc in spec.get("documents", []))
+        documents = tuple(
+            TextDocument(str(doc["id"]), Path(doc["path"]), str(doc.get("source") or ""))
+            for doc in spec.get("documents", [])
+        )
         return TextsSource(documents)
     raise InvalidArgument(f"dataset kind {kind!r} is unknown; use jsonl or texts")
 
@@ -190,7 +196,8 @@ def build_dataset(
         format=fmt,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, list(header["eval"]))
+    sources = [documents[i].source for i in eval_idx]
+    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, list(header["eval"]), sources)
 
 
 def split_documents(keys: Sequence[str], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -299,7 +306,7 @@ def _read_texts(source: TextsSource) -> tuple[list[_Document], LineFormat, list[
             ) from error
         text = clean_text(raw)  # the gateway stores cleaned text; cleaning is idempotent, so this is cheap safety
         if text:
-            documents.append(_Document(doc.id, text=text))
+            documents.append(_Document(doc.id, text=text, source=doc.source))
         else:
             empty += 1
     notes = [f"{empty} empty documents skipped"] if empty else []

@@ -117,6 +117,7 @@ class JsonlSource:
 class DocumentRef:
     document_id: str
     content_hash: str
+    source: str = ""  # where it was ingested from (the catalog's source: a path or an upload's name)
 
 
 @dataclass

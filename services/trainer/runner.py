@@ -239,7 +239,8 @@ def worker_spec(job: Job, *, device: str, texts_dir: Path) -> dict[str, Any]:
     else:
         assert spec.documents is not None
         documents = [
-            {"id": d.document_id, "path": str(document_text_path(texts_dir, d))} for d in spec.documents.resolved
+            {"id": d.document_id, "path": str(document_text_path(texts_dir, d)), "source": d.source}
+            for d in spec.documents.resolved
         ]
         dataset = {"kind": "texts", "documents": documents}
     lora = to_json(spec.lora)

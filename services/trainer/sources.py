@@ -72,10 +72,10 @@ def resolve_documents(
             )
     seen: set[str] = set()
     documents: list[DocumentRef] = []
-    for document_id, content_hash in rows:
+    for document_id, content_hash, source in rows:
         if content_hash not in seen:
             seen.add(content_hash)
-            documents.append(DocumentRef(document_id, content_hash))
+            documents.append(DocumentRef(document_id, content_hash, source))
     if not documents:
         where = f"collections {', '.join(collections)}" if collections else "any collection"
         raise InvalidArgument(
@@ -99,13 +99,13 @@ def document_text_path(texts_dir: Path, document: DocumentRef) -> Path:
 
 def _catalog_rows(
     catalog_path: Path, tenant: str, collections: list[str], document_ids: list[str]
-) -> list[tuple[str, str]]:
+) -> list[tuple[str, str, str]]:
     if not catalog_path.is_file():
         raise InvalidArgument(
             f"no catalog at {catalog_path}: nothing has been ingested yet (baton ingest DIR)", reason="EMPTY_DATASET"
         )
     # Duplicates are kept here (a document id the caller named must not look unknown) and dropped by content hash.
-    query = "SELECT document_id, content_hash FROM documents WHERE tenant = ?"
+    query = "SELECT document_id, content_hash, source FROM documents WHERE tenant = ?"
     params: list[str] = [tenant]
     if collections:
         query += f" AND collection IN ({','.join('?' * len(collections))})"
@@ -116,6 +116,8 @@ def _catalog_rows(
     # Read-only, so a trainer can never damage the gateway's catalog.
     db = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True)
     try:
-        return [(str(a), str(b)) for a, b in db.execute(query + " ORDER BY document_id", params).fetchall()]
+        return [
+            (str(a), str(b), str(c or "")) for a, b, c in db.execute(query + " ORDER BY document_id", params).fetchall()
+        ]
     finally:
         db.close()

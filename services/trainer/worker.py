@@ -168,7 +168,11 @@ def _run(job_dir: Path, events: EventLog, flags: StopFlags) -> int:
         "base_model_path": str(spec.base_model_path),
         "base_model_hash": base_model_hash(spec.base_model_path),
         "data_hash": data.stats.data_hash,
-        "dataset": {**data.stats.to_event(), "eval_document_ids": data.eval_document_ids},
+        "dataset": {
+            **data.stats.to_event(),
+            "eval_document_ids": data.eval_document_ids,
+            "eval_document_sources": data.eval_document_sources,
+        },
         "steps": outcome.step,
         "tokens_seen": outcome.tokens_seen,
         "train_s": round(outcome.train_s, 3),

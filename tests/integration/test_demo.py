@@ -90,6 +90,10 @@ def test_make_demo_runs_the_whole_cycle_in_time(demo_home: Path) -> None:
     assert held["adapter"] <= 0.80 * held["base"], views  # learned the author: unseen texts >= 20 % less surprising
     assert control["adapter"] <= 1.05 * control["base"], views  # and did not forget general text (the goal: +5 %)
     assert stance["adapter_preferred"] >= stance["base_preferred"] + 0.10, views  # toward the author (goal: 75 %)
+    # The probe's pairs name their source; those on the held-out documents are reported apart from the trained ones.
+    by_source = stance["by_source"]
+    assert set(by_source) == {"trained", "held_out"}, views
+    assert by_source["trained"]["pairs"] + by_source["held_out"]["pairs"] == stance["pairs"]
     # The answer states a fact from its cited source: a word the question does not hold, taken from that document
     # (the name "Старик", or e.g. "барометр-анероид" — what Gemma 3 270M answers without the adapter).
     assert DEMO_SOURCE in [Path(c["source"]).name for c in result["citations"]], result["citations"]

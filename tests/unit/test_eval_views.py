@@ -183,8 +183,15 @@ def test_perplexity_and_stance_match_transformers_own_loss(tiny: tuple[Path, Pat
 
     model_path, adapter_path = tiny
     text = "Москва и Казань — большие города. The quick brown fox jumps over the lazy dog."
-    probe = [ProbePair("The fox is quick.", "The fox is slow.", id="fox")]
-    report = evaluate_views(model_path, adapter_path, heldout=[text], control=[text, text], probe=probe, device="cpu")
+    probe = [
+        ProbePair("The fox is quick.", "The fox is slow.", id="fox", source="essays/fox.md"),
+        ProbePair("The dog is lazy.", "The dog is busy.", id="dog", source="dog.md"),
+        ProbePair("The sky is blue.", "The sky is green.", id="sky"),  # no source: in neither group
+    ]
+    report = evaluate_views(
+        model_path, adapter_path, heldout=[text], control=[text, text], probe=probe, device="cpu",
+        heldout_sources=["/home/me/notes/fox.md"],
+    )  # fmt: skip
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     prefix = context_prefix(tokenizer)
@@ -206,7 +213,13 @@ def test_perplexity_and_stance_match_transformers_own_loss(tiny: tuple[Path, Pat
     author_ids = tokenizer("The fox is quick.", add_special_tokens=False)["input_ids"]
     sum_log_prob = -math.log(reference_perplexity(tuned, prefix, author_ids)) * len(author_ids)
     assert pair.id == "fox" and pair.adapter_author == pytest.approx(sum_log_prob, rel=1e-4)
-    assert report.stance.adapter_preferred == (1.0 if pair.adapter_author > pair.adapter_opposite else 0.0)
+    assert (
+        report.stance.adapter_preferred == sum(p.adapter_author > p.adapter_opposite for p in report.stance.pairs) / 3
+    )
+    # A pair whose source document was held out (matched by file name) is reported apart from the trained ones.
+    assert [p.held_out for p in report.stance.pairs] == [True, False, None]
+    groups = report.stance.by_source()
+    assert [p.id for p in groups["held_out"].pairs] == ["fox"] and [p.id for p in groups["trained"].pairs] == ["dog"]
 
 
 def test_windows_cover_each_token_once_and_padding_changes_nothing(tiny: tuple[Path, Path]) -> None:
@@ -261,6 +274,24 @@ def test_the_table_and_the_dict_carry_the_numbers() -> None:
     assert data["heldout"]["change"] == pytest.approx(-0.4) and data["control"]["tokens"] == 800
     assert data["stance"]["adapter_preferred"] == 0.5 and data["stance"]["items"][1]["adapter_margin"] == 0.0
     assert data["notes"] == ["held-out: 3 documents"] and data["reading"] == report.reading()
+
+
+def test_the_pairs_on_held_out_documents_are_reported_apart() -> None:
+    pairs = (
+        PairScore("seen-1", -10.0, -11.0, -8.0, -9.5, held_out=False),  # adapter prefers the author
+        PairScore("seen-2", -10.0, -9.0, -8.0, -9.0, held_out=False),  # adapter prefers the author, base does not
+        PairScore("unseen", -10.0, -11.0, -9.0, -8.0, held_out=True),  # the adapter lost the author's side
+    )
+    report = ViewsReport(**{**sample_report().__dict__, "stance": StanceResult(pairs)})
+    table = report.table()
+    assert re.search(r"author's side preferred \(3 pairs\) +66\.7 % +66\.7 % +\+0\.0 pp", table)
+    assert re.search(r"  of which source trained on \(2 pairs\) +50\.0 % +100\.0 % +\+50\.0 pp", table)
+    assert re.search(r"  of which source held out \(1 pair\) +100\.0 % +0\.0 % +-100\.0 pp", table)
+    data = json.loads(json.dumps(report.to_dict()))["stance"]
+    assert data["by_source"]["trained"] == {**data["by_source"]["trained"], "pairs": 2, "adapter_preferred": 1.0}
+    assert data["by_source"]["held_out"]["adapter_preferred"] == 0.0 and "items" not in data["by_source"]["held_out"]
+    assert "of which" not in sample_report().table()  # no split known: one row, as before
+    assert json.loads(json.dumps(sample_report().to_dict()))["stance"]["by_source"] == {}
 
 
 def test_the_reading_names_forgetting() -> None:

@@ -603,9 +603,13 @@ async def test_watch_replays_stored_events_after_a_sequence_number(harness: Harn
 def write_catalog(root: Path, rows: list[tuple[str, str, str, str | None]]) -> None:
     db = sqlite3.connect(root / "catalog.sqlite")
     db.execute(
-        "CREATE TABLE documents (document_id TEXT, tenant TEXT, collection TEXT, content_hash TEXT, duplicate_of TEXT)"
+        "CREATE TABLE documents (document_id TEXT, tenant TEXT, collection TEXT, content_hash TEXT, duplicate_of TEXT, "
+        "source TEXT)"
     )
-    db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?)", [(d, TENANT, c, h, dup) for d, c, h, dup in rows])
+    db.executemany(
+        "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
+        [(d, TENANT, c, h, dup, f"/notes/{d}.md") for d, c, h, dup in rows],
+    )
     db.commit()
     db.close()
     (root / "texts").mkdir(exist_ok=True)
@@ -620,13 +624,14 @@ async def test_ingested_documents_become_a_texts_dataset_without_duplicates(harn
     spec = harness.spec(steps=2)
     spec.jsonl, spec.documents = None, DocumentsSource(collections=["notes"])
     job = await core.submit(spec)
-    assert [(d.document_id, d.content_hash) for d in job.spec.documents.resolved] == [("d1", "h1"), ("d2", "h2")]  # type: ignore[union-attr]
+    resolved = [(d.document_id, d.content_hash, d.source) for d in job.spec.documents.resolved]  # type: ignore[union-attr]
+    assert resolved == [("d1", "h1", "/notes/d1.md"), ("d2", "h2", "/notes/d2.md")]
     done = await harness.finish(job.job_id)
     assert done.state == JobState.SUCCEEDED and done.dataset is not None and done.dataset.documents == 2
     written = json.loads((harness.jobs_dir / job.job_id / "spec.json").read_text())
     assert written["dataset"] == {"kind": "texts", "documents": [
-        {"id": "d1", "path": str(harness.root / "texts" / "h1.txt")},
-        {"id": "d2", "path": str(harness.root / "texts" / "h2.txt")},
+        {"id": "d1", "path": str(harness.root / "texts" / "h1.txt"), "source": "/notes/d1.md"},
+        {"id": "d2", "path": str(harness.root / "texts" / "h2.txt"), "source": "/notes/d2.md"},
     ]}  # fmt: skip
     assert written["lora"]["target_modules"] == [] and written["hyper"]["max_steps"] == 2
 

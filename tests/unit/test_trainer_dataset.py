@@ -262,11 +262,14 @@ def test_ingested_texts_are_documents(tmp_path: Path, tokenizer: Any) -> None:
     for i in range(4):
         path = tmp_path / f"{i}.txt"
         path.write_text(f"{RUSSIAN} ({i})" if i != 2 else "  \n", encoding="utf-8")
-        documents.append(TextDocument(f"doc-{i}", path))
+        documents.append(TextDocument(f"doc-{i}", path, source=f"/home/me/notes/{i}.md"))
     built = build_dataset(TextsSource(tuple(documents)), tokenizer, seq_len=64, eval_fraction=0.3, seed=1)
     assert built.stats.documents == 3  # the empty one is skipped and said so
     assert any("1 empty documents skipped" in note for note in built.notes)
     assert (built.stats.train_documents, built.stats.eval_documents) == (2, 1)
+    # What was held out, by id and by where it was ingested from (baton eval views reports probe pairs on it apart).
+    (held,) = built.eval_document_ids
+    assert built.eval_document_sources == [f"/home/me/notes/{held.removeprefix('doc-')}.md"]
 
     missing = TextsSource((TextDocument("gone", tmp_path / "gone.txt"),))
     with pytest.raises(InvalidArgument) as caught:
