@@ -288,18 +288,21 @@ class StanceResult:
     def adapter_mean_margin(self) -> float:
         return sum(p.adapter_margin for p in self.pairs) / len(self.pairs)
 
-    def to_dict(self, *, items: bool = True) -> dict[str, Any]:
-        record: dict[str, Any] = {
+    def summary(self) -> dict[str, Any]:
+        return {
             "pairs": len(self.pairs),
             "base_preferred": self.base_preferred,
             "adapter_preferred": self.adapter_preferred,
             "base_mean_margin": self.base_mean_margin,
             "adapter_mean_margin": self.adapter_mean_margin,
         }
-        if items:
-            record["by_source"] = {name: group.to_dict(items=False) for name, group in self.by_source().items()}
-            record["items"] = [pair.to_dict() for pair in self.pairs]
-        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "by_source": {name: group.summary() for name, group in self.by_source().items()},
+            "items": [pair.to_dict() for pair in self.pairs],
+        }
 
 
 @dataclass(frozen=True)

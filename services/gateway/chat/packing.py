@@ -151,8 +151,7 @@ async def pack_context(
     terms = stems(query)
     candidates, cut = _close_to_best(candidates, policy.min_relative_score)
     candidates, focused = _focus_all(candidates, terms, policy.sentences)
-    labelled = policy.labels
-    blocks = [format_source(i, *_label(hit), hit.text, labelled=labelled) for i, hit in enumerate(candidates, 1)]
+    blocks = [format_source(i, *_label(hit), hit.text, labelled=policy.labels) for i, hit in enumerate(candidates, 1)]
     counts = await counter.count([*blocks, SOURCE_SEPARATOR], style.render(conversation, []))
     separator_tokens = counts.texts[-1]
     limit = counts.max_model_len - reserved_tokens
@@ -164,7 +163,7 @@ async def pack_context(
     selection.left_out += cut
     for passage in selection.passages:
         passage.compressed |= passage.best.chunk_id in focused
-    packed = await _fit(base, conversation, counter, style, selection, limit, terms, duplicates, labelled)
+    packed = await _fit(base, conversation, counter, style, selection, limit, terms, duplicates, policy.labels)
     return _replace(packed, focused=sum(p.best.chunk_id in focused for p in packed.passages))
 
 
