@@ -10,10 +10,10 @@ Two shapes of data:
   longest example). Loss on the assistant turns only (their content and the end-of-turn token) unless
   ``train_on_prompt``.
 
-The train/eval split is by document (a JSONL line is a document) and a function of the seed and the documents' texts
-alone, so one document is never in both splits, a restarted job sees the same split, and so does another machine.
-Everything here is pure and transport-free: it takes a tokenizer and returns lists of token ids, statistics and a data
-hash; the worker turns them into tensors.
+The train/eval split is by document (a JSONL line is a document); it and the order the documents are packed in are a
+function of the seed and the documents' texts alone, so one document is never in both splits, a restarted job sees the
+same split and the same blocks, and so does another machine. Everything here is pure and transport-free: it takes a
+tokenizer and returns lists of token ids, statistics and a data hash; the worker turns them into tensors.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from baton.runtime.files import model_config
 from services.gateway.ingest.clean import clean_text
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
-# Bump when the block layout or the split changes: equal hashes must mean equal training input. 2: split by content.
-DATA_HASH_VERSION = 2
+# Bump when the block layout or the split changes: equal hashes must mean equal training input. 2: split by content;
+# 3: documents packed in the order of their content's hash, not the order they came in.
+DATA_HASH_VERSION = 3
 MAX_REPORTED_LINES = 10
 
 LineFormat = Literal["text", "messages"]
@@ -201,21 +202,21 @@ def build_dataset(
 
 
 def split_documents(keys: Sequence[str], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of the train and eval documents, each in their original order; ``keys`` are their texts.
+    """Indices of the train and eval documents, each in the order the trainer packs them; ``keys`` are their texts.
 
     ``round(len(keys) * eval_fraction)`` documents are held out — at least one when there are two or more and
     eval_fraction > 0, never all of them, so training always has data: those whose seeded hash of their text is
-    smallest. The split is a function of the documents themselves, not of the order they come in (a catalog lists
-    them by ids that differ between machines), and a document added later leaves the others' split as it was but
-    for at most one.
+    smallest. Both lists are in the order of that hash too. So the split and the packed training stream are a
+    function of the documents themselves, not of the order they come in (a catalog lists them by ids that differ
+    between machines: packed in that order, the same corpus trained a different adapter on another checkout), and a
+    document added later leaves the others' split as it was but for at most one.
     """
     count = len(keys)
-    if eval_fraction <= 0 or count < 2:
-        return list(range(count)), []
-    n_eval = min(count - 1, max(1, round(count * eval_fraction)))
     ranked = sorted(range(count), key=lambda i: (hashlib.sha256(f"baton-split:{seed}\0{keys[i]}".encode()).digest(), i))
-    held_out = set(ranked[:n_eval])
-    return [i for i in range(count) if i not in held_out], sorted(held_out)
+    if eval_fraction <= 0 or count < 2:
+        return ranked, []
+    n_eval = min(count - 1, max(1, round(count * eval_fraction)))
+    return ranked[n_eval:], ranked[:n_eval]
 
 
 def split_by_position(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:

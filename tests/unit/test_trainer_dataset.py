@@ -64,14 +64,25 @@ def test_text_documents_are_packed_into_seq_len_blocks_with_one_eos_each(tmp_pat
     assert 0 < len(built.train[-1].input_ids) <= 16
     stream = [token for block in built.train for token in block.input_ids]
     expected = []
-    for record in records:
-        expected += tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    packed_order = split_documents([record["text"] for record in records], 0.0, seed=0)[0]  # by the texts' hash
+    assert sorted(packed_order) == list(range(7)) and packed_order != list(range(7))
+    for index in packed_order:
+        expected += tokenizer(records[index]["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert stream == expected
     assert stream.count(tokenizer.eos_token_id) == len(records)
     assert all(block.labels == block.input_ids for block in built.train)  # loss on every token of raw text
     stats = built.stats
     assert (stats.documents, stats.train_documents, stats.eval_documents) == (7, 7, 0)
     assert stats.train_tokens == len(expected) and stats.train_blocks == len(built.train) and stats.eval_blocks == 0
+
+
+def test_the_blocks_follow_the_texts_not_the_order_they_come_in(tmp_path: Path, tokenizer: Any) -> None:
+    """A catalog lists documents by ids that differ between checkouts: the same texts must train the same blocks."""
+    records = text_lines(12)
+    forward = build(write_jsonl(tmp_path / "forward.jsonl", records), tokenizer, eval_fraction=0.25)
+    backward = build(write_jsonl(tmp_path / "backward.jsonl", records[::-1]), tokenizer, eval_fraction=0.25)
+    assert forward.train == backward.train and forward.eval == backward.eval
+    assert forward.stats.eval_documents == 3
 
 
 def test_russian_text_round_trips_through_the_tokenizer(tmp_path: Path, tokenizer: Any) -> None:

@@ -40,9 +40,10 @@ INFO_TTL_S = 10.0
 # cited right); for SmolLM2-135M (chat) shown bare, as given "[1] Title" lines it copied markers and titles into its
 # answers; Gemma 3 270M (a base model, completion) keeps the numbered sources its instruction asks it to cite. A
 # large model may read more: SourcePolicy().
+_SMALL_MODEL_POLICY = SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2, labels=True)
 DEFAULT_POLICIES: Mapping[PromptFormat, SourcePolicy] = {
-    CHAT: SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2, labels=False),
-    COMPLETION: SourcePolicy(max_sources=3, min_relative_score=0.85, sentences=2, labels=True),
+    CHAT: dataclasses.replace(_SMALL_MODEL_POLICY, labels=False),
+    COMPLETION: _SMALL_MODEL_POLICY,
 }
 
 
