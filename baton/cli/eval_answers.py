@@ -89,5 +89,14 @@ def _print_table(result: dict[str, Any]) -> None:
         errors = f" ({row['errors']} failed)" if row["errors"] else ""
         print(f"{mode:<8}{row['questions']:>8}" + "".join(f"{v:>16.3f}" for v in values[:-1]) +
               f"{values[-1]:>16.1f}{errors}")  # fmt: skip
+    for mode, row in result["modes"].items():
+        if row["gold_in_sources"]:  # a mode that had sources to cite
+            print(_citations_line(mode, row))
     ratio = result["rag_over_no_rag"]
     print(f"contains gold, RAG on / off: {'n/a (off is 0)' if ratio is None else f'{ratio:.1f}×'}")
+
+
+def _citations_line(mode: str, row: dict[str, Any]) -> str:
+    right, wrong = row["right_answers"], row["questions"] - row["right_answers"]
+    return (f"{mode}: cites gold in {row['right_citing_gold']} of {right} right answers and "
+            f"{row['wrong_citing_gold']} of {wrong} wrong ones; {row['citing_nothing']} cite no source")  # fmt: skip

@@ -190,6 +190,12 @@ class ModeSummary:
     cites_gold: float  # share of answers citing the gold document
     gold_in_sources: float  # share of prompts whose sources hold the gold document (retrieval + packing)
     citations_per_answer: float  # documents cited per answer (precision check: citing everything is not a win)
+    # Citations by answer: a right answer takes its words from its source, so it cites the gold document; a wrong
+    # one cites the distractor it copied or, made up, nothing — the citation rate is bound to the answer rate.
+    right_answers: int
+    right_citing_gold: int
+    wrong_citing_gold: int
+    citing_nothing: int  # answers attributed to no source
     latency_p50_s: float
     latency_p95_s: float
     mean_prompt_tokens: float
@@ -211,6 +217,10 @@ def summarise(outcomes: Sequence[Outcome]) -> list[ModeSummary]:
                 cites_gold=sum(o.cites_gold for o in done) / count,
                 gold_in_sources=sum(o.gold_doc in o.source_docs for o in done) / count,
                 citations_per_answer=sum(len(o.cited_docs) for o in done) / count,
+                right_answers=sum(o.correct for o in done),
+                right_citing_gold=sum(o.correct and o.cites_gold for o in done),
+                wrong_citing_gold=sum(not o.correct and o.cites_gold for o in done),
+                citing_nothing=sum(not o.cited_docs for o in done),
                 latency_p50_s=_percentile(latencies, 50),
                 latency_p95_s=_percentile(latencies, 95),
                 mean_prompt_tokens=sum(o.prompt_tokens for o in done) / count,

@@ -67,6 +67,9 @@ def test_answers_use_the_facts_with_rag_and_cite_the_gold_document(
     assert rag["gold_in_sources"] >= 0.9, "retrieval puts the gold paragraph into the prompt"
     assert rag["contains_gold"] >= 0.2 and rag["contains_gold"] > off["contains_gold"], "RAG answers use the facts"
     assert rag["cites_gold"] >= 0.7 and off["cites_gold"] == 0 and off["gold_in_sources"] == 0
+    # A right answer took its words from the gold source, so it cites it (80 of 81 on the first 200, evaluation.md).
+    assert rag["right_citing_gold"] + rag["wrong_citing_gold"] == round(rag["cites_gold"] * rag["questions"])
+    assert rag["right_citing_gold"] >= rag["right_answers"] - 1 and off["citing_nothing"] == off["questions"]
     assert rag["mean_prompt_tokens"] > off["mean_prompt_tokens"] > 0
     assert 0 < rag["latency_p50_s"] <= rag["latency_p95_s"] and 0 < off["latency_p50_s"] <= off["latency_p95_s"]
     correct = [a for a in result["answers"] if a["correct"]]

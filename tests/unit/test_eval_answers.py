@@ -68,10 +68,13 @@ def test_summary_per_mode_and_the_table(tmp_path: Path, capsys: pytest.CaptureFi
     assert (rag.questions, rag.errors, rag.contains_gold, rag.cites_gold) == (2, 1, 0.5, 0.5)
     assert rag.gold_in_sources == 1.0 and rag.citations_per_answer == 1.0 and rag.mean_prompt_tokens == 100
     assert rag.latency_p50_s == pytest.approx(2.0) and rag.latency_p95_s == pytest.approx(2.9)
-    assert rows["no-rag"].cites_gold == 0 and rows["no-rag"].contains_gold == 0.5
+    assert (rag.right_answers, rag.right_citing_gold, rag.wrong_citing_gold, rag.citing_nothing) == (1, 1, 0, 0)
+    assert rows["no-rag"].cites_gold == 0 and rows["no-rag"].contains_gold == 0.5 and rows["no-rag"].citing_nothing == 2
     result = report(AnswerSet.load(dataset(tmp_path)), list(rows.values()), outcomes, max_tokens=64, k=None)
     assert result["rag_over_no_rag"] == 1.0 and len(result["answers"]) == 5
     json.dumps(result)  # --json prints it
     _print_table(result)
     table = capsys.readouterr().out
     assert "SQuAD" in table and "(1 failed)" in table and "RAG on / off: 1.0×" in table
+    assert "rag: cites gold in 1 of 1 right answers and 0 of 1 wrong ones; 0 cite no source" in table
+    assert "no-rag: cites" not in table  # no sources, nothing to break down
