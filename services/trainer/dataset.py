@@ -35,7 +35,7 @@ from services.gateway.ingest.clean import clean_text
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 # Bump when the block layout or the split changes: equal hashes must mean equal training input. 2: split by content;
-# 3: documents packed in the order of their content's hash, not the order they came in.
+# 3: documents packed in the order of their content's hash, not the order they came in; no document ids hashed.
 DATA_HASH_VERSION = 3
 MAX_REPORTED_LINES = 10
 
@@ -177,14 +177,9 @@ def build_dataset(
             "no training block is left (every example lost its answer to truncation); raise seq_len",
             reason="EMPTY_DATASET",
         )
-    header = {
-        "version": DATA_HASH_VERSION,
-        "format": fmt,
-        "seq_len": seq_len,
-        "train_on_prompt": train_on_prompt,
-        "train": [documents[i].id for i in train_idx],
-        "eval": [documents[i].id for i in eval_idx],
-    }
+    # No document ids: they differ between checkouts of the same files, and the blocks already say what is trained
+    # on and what is held out — so the same texts give the same hash on every machine.
+    header = {"version": DATA_HASH_VERSION, "format": fmt, "seq_len": seq_len, "train_on_prompt": train_on_prompt}
     stats = DatasetStats(
         documents=len(documents),
         train_documents=len(train_idx),
@@ -197,8 +192,9 @@ def build_dataset(
         format=fmt,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eval_ids = [documents[i].id for i in eval_idx]
     sources = [documents[i].source for i in eval_idx]
-    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, list(header["eval"]), sources)
+    return BuiltDataset(train, evals, stats, int(pad if pad is not None else 0), notes, eval_ids, sources)
 
 
 def split_documents(keys: Sequence[str], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
