@@ -24,10 +24,17 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 def run_service(
-    name: str, settings_class: type[S], argv: list[str] | None, *, description: str, serve: str, models: bool = False
+    name: str,
+    settings_class: type[S],
+    argv: list[str] | None,
+    *,
+    description: str,
+    serve: str,
+    models: bool = False,
+    prog: str | None = None,
 ) -> None:
     """Run service ``name``: ``serve`` is "module:function", an ``async def serve(settings)`` imported only now."""
-    prog = f"baton serve {name}"
+    prog = prog or f"baton serve {name}"
     try:
         settings = settings_from_args(settings_class, argv, prog=prog, description=description)
     except ValidationError as error:

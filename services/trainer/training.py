@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from baton.models.token_nll import LogitsHead
 from baton.runtime.errors import FailedPrecondition
 from baton.runtime.files import fsync_dir, fsync_tree
 from baton.runtime.logging import log_event
@@ -105,6 +106,7 @@ class TrainingRun:
         self._interpolated = False
         self._recent: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
         self.model: Any = None
+        self.head: LogitsHead | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
 
@@ -119,6 +121,7 @@ class TrainingRun:
         # LoRA's A matrices are drawn from torch's RNG: seeded right here, the same seed gives the same adapter.
         torch.manual_seed(hyper.seed)
         self.model = wrap_with_lora(base, self.spec, self.lora_plan)
+        self.head = LogitsHead.of(self.model)  # the loss without the logits tensor, where the model allows
         self.params = [param for param in self.model.parameters() if param.requires_grad]
         self.optimizer = make_optimizer(hyper.optimizer, self.params, hyper, self.spec.device)
         warmup = warmup_steps(hyper, self.plan.total_steps)
@@ -210,7 +213,7 @@ class TrainingRun:
         tokens = 0
         for batch in batches:
             with self._autocast():
-                loss = _summed_loss(self.model, batch) / targets
+                loss = self._summed_loss(batch) / targets
             loss_sum += float(loss.detach()) * targets
             tokens += int(batch["attention_mask"].sum())
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -284,7 +287,7 @@ class TrainingRun:
                     return False
                 batch = self._collate(self.data.eval[start : start + size])
                 with self._autocast():
-                    total += float(_summed_loss(self.model, batch))
+                    total += float(self._summed_loss(batch))
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.model.train()
         loss = total / max(1, count)
@@ -308,6 +311,18 @@ class TrainingRun:
             "labels": torch.tensor(labels, device=self.device),
             "attention_mask": torch.tensor(mask, device=self.device),
         }
+
+    def _summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the next-token cross-entropy over the labelled tokens (the caller divides): summed here rather
+        than averaged by the model so that micro-batches of any size weigh every token the same."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.head is not None:
+            return self.head.token_nll(ids, mask, labels).sum()
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        shifted = logits[:, :-1, :].float()
+        return torch.nn.functional.cross_entropy(
+            shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         # float32 computes as is; otherwise the plain (non-NF4) base is in the compute dtype already and NF4 has
@@ -418,17 +433,6 @@ class TrainingRun:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-
-
-def _summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the next-token cross-entropy over the labelled tokens (the caller divides): computed here rather
-    than by the model so that micro-batches of any size weigh every token the same, for every architecture."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()
-    targets = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 def _perplexity(loss: float) -> float:

@@ -3,6 +3,7 @@ is cached, and a hub name fails with a message saying what to do."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,23 @@ def test_the_export_runs_in_a_child_process_so_the_service_never_holds_torch(tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["onnxruntime", "False"]
     assert len(list(tmp_path.iterdir())) == 1  # the export is in the cache
+
+
+def test_prepare_exports_once_so_that_the_first_start_loads_from_the_cache(tmp_path: Path) -> None:
+    """`python -m services.embedder.prepare` (what set-up runs) leaves the export in the cache and exits; a second
+    run finds it and exports nothing."""
+    command = [sys.executable, "-m", "services.embedder.prepare", "--model", "all-minilm-l6-v2",
+               "--home", str(tmp_path), "--onnx-cache-dir", str(tmp_path / "onnx"), "--log-format", "json"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (export,) = (tmp_path / "onnx").iterdir()
+    stamp = (export / "model.onnx").stat().st_mtime_ns
+    prepared = [json.loads(line) for line in first.stderr.splitlines() if '"embedder.prepared"' in line]
+    assert [(event["backend"], event["onnx_cache"]) for event in prepared] == [("onnxruntime", str(tmp_path / "onnx"))]
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (export / "model.onnx").stat().st_mtime_ns == stamp  # found in the cache, not exported again
 
 
 def test_a_hub_name_fails_saying_a_local_path_is_needed() -> None:
