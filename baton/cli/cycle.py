@@ -36,7 +36,7 @@ DEFAULT_QUESTION = "What does the author of these texts believe most strongly?"
 # The hyperparameters a cycle may set; None = the trainer's default.
 TRAIN_OPTIONS = (
     "max_steps", "epochs", "seq_len", "grad_accumulation_steps", "rank", "learning_rate", "quantization", "seed",
-    "eval_fraction", "strength",
+    "eval_fraction", "strength", "evaluate",
 )  # fmt: skip
 
 
@@ -341,6 +341,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quant", dest="quantization", choices=["nf4", "none"], help="nf4 = QLoRA (default)")
     parser.add_argument("--seed", type=int, help="training seed")
     parser.add_argument("--eval-fraction", dest="eval_fraction", type=float, help="share of documents held out")
+    parser.add_argument(
+        "--no-trainer-eval", dest="evaluate", action="store_const", const=False,
+        help="hold the documents out but let the views stage score them, not the trainer too (two passes fewer)",
+    )  # fmt: skip
     parser.add_argument("--probe", help="stance pairs (JSONL) for the views stage, e.g. examples/probes/*.jsonl")
     add_gateway_flags(parser)
     parser.set_defaults(run=cycle)

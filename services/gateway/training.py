@@ -62,6 +62,11 @@ class TrainingJobBody(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=1, description="Peak learning rate (default 2e-4).")
     eval_fraction: float | None = Field(None, ge=0, le=0.5, description="Held-out share for evaluation.")
     checkpoint_every_steps: int | None = Field(None, ge=0, le=_U32, description="Checkpoint period in steps.")
+    evaluate: bool | None = Field(
+        None,
+        description="Score the held-out split before and after training (default true). false: it stays held out, "
+        "and scoring it is left to `baton eval views`, which saves two passes over it.",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Same seed, same data and settings: same adapter.")
     priority: int | None = Field(None, ge=-1000, le=1000, description="GPU lease priority (default below serving).")
     hot_load: bool = Field(True, description="Load the adapter into the inference service when done.")
@@ -236,7 +241,7 @@ def _hyperparameters(body: TrainingJobBody) -> pb.TrainerHyperparameters:
     hp = pb.TrainerHyperparameters(seed=body.seed)
     for field in (
         "max_steps", "epochs", "seq_len", "micro_batch_size", "grad_accumulation_steps", "learning_rate",
-        "eval_fraction", "checkpoint_every_steps",
+        "eval_fraction", "checkpoint_every_steps", "evaluate",
     ):  # fmt: skip
         value = getattr(body, field)
         if value is not None:

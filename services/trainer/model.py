@@ -97,6 +97,7 @@ class Hyperparameters:
     optimizer: str | None = None
     weight_decay: float | None = None
     max_grad_norm: float | None = None
+    evaluate: bool | None = None  # resolved: True unless the job turns the trainer's evaluation off
 
 
 @dataclass

@@ -57,6 +57,7 @@ class HyperSpec:
     optimizer: str = "adamw_torch"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    evaluate: bool = True  # score the eval split before and after training
 
 
 @dataclass(frozen=True)

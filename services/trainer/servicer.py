@@ -159,7 +159,7 @@ def _hyper_from_proto(hyper: pb.TrainerHyperparameters) -> Hyperparameters:
     optional = (
         "learning_rate", "warmup_ratio", "warmup_steps", "seq_len", "micro_batch_size", "grad_accumulation_steps",
         "max_steps", "epochs", "eval_fraction", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-        "gradient_checkpointing", "weight_decay", "max_grad_norm",
+        "gradient_checkpointing", "weight_decay", "max_grad_norm", "evaluate",
     )  # fmt: skip
     values = {name: _opt(hyper, name) for name in optional}
     return Hyperparameters(

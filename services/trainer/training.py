@@ -151,7 +151,7 @@ class TrainingRun:
 
     def train(self) -> TrainOutcome:
         """Step until the plan is done or ``should_stop`` says so; evaluate the base first and the adapter last."""
-        if self.data.eval and self.history.base_eval() is None and not self._evaluate("base"):
+        if self._evaluates and self.history.base_eval() is None and not self._evaluate("base"):
             return self._stop()
         while self.step < self.plan.total_steps:
             if self.should_stop():
@@ -162,7 +162,7 @@ class TrainingRun:
             self._after_step()
         self.save_checkpoint("final")  # the update as trained: a resumed run interpolates again from it
         self._interpolate_toward_base()
-        if self.data.eval and not self._has_final_eval() and not self._evaluate("adapter"):
+        if self._evaluates and not self._has_final_eval() and not self._evaluate("adapter"):
             return self._stop()
         return TrainOutcome("done", self.step, self.plan.total_steps, self.tokens_seen, self.train_s, self.history)
 
@@ -182,6 +182,11 @@ class TrainingRun:
         self._interpolated = True
         self._log(f"adapter strength {self.spec.lora.strength:g}: {scaled} LoRA B matrices scaled toward the base")
 
+    @property
+    def _evaluates(self) -> bool:
+        """An eval split to score, and the job did not leave the scoring to a later evaluation (evaluate false)."""
+        return bool(self.data.eval) and self.spec.hyper.evaluate
+
     def _has_final_eval(self) -> bool:
         last = self.history.last_adapter_eval()
         return last is not None and last["step"] == self.plan.total_steps
@@ -190,7 +195,7 @@ class TrainingRun:
         hyper = self.spec.hyper
         last = self.step == self.plan.total_steps  # the final evaluation and checkpoint follow the loop
         every_eval = hyper.eval_every_steps if hyper.eval_every_steps is not None else hyper.checkpoint_every_steps
-        if self.data.eval and every_eval and self.step % every_eval == 0 and not last:
+        if self._evaluates and every_eval and self.step % every_eval == 0 and not last:
             self._evaluate("adapter")
         if hyper.checkpoint_every_steps and self.step % hyper.checkpoint_every_steps == 0 and not last:
             self.save_checkpoint("periodic")

@@ -188,6 +188,7 @@ def _resolve_hyperparameters(hyper: Hyperparameters, facts: BaseModelFacts, devi
     hyper.eval_every_steps = every if hyper.eval_every_steps is None else hyper.eval_every_steps
     keep = 2 if hyper.keep_checkpoints is None else hyper.keep_checkpoints
     hyper.keep_checkpoints = _in_range("hyperparameters.keep_checkpoints", keep, 1, 1000)
+    hyper.evaluate = True if hyper.evaluate is None else hyper.evaluate
     if hyper.gradient_checkpointing is None:
         hyper.gradient_checkpointing = device == "cuda"
     hyper.optimizer = hyper.optimizer or ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")

@@ -317,6 +317,24 @@ def test_strength_keeps_that_share_of_the_update_and_the_final_eval_scores_it(
     assert any("adapter strength 0.5" in e.get("message", "") for e in job.events() if e["type"] == "log")
 
 
+def test_evaluate_false_holds_the_split_out_scores_nothing_and_trains_the_same_adapter(
+    model: Path, corpus: Path, reference: Job, tmp_path: Path
+) -> None:
+    """``evaluate: false`` (what `make demo` sets, leaving the scoring to its views stage): the same documents are
+    held out, no evaluation runs, no before/after perplexity is recorded, and the adapter is the reference's —
+    evaluating never changes what is trained."""
+    job = Job(tmp_path / "no-eval", job_spec(model, corpus, evaluate=False))
+    assert job.run() == 0, job.log()
+    events = job.events()
+    assert not [event for event in events if event["type"] == "eval"]
+    (dataset,) = [event for event in events if event["type"] == "dataset"]
+    (reference_dataset,) = [event for event in reference.events() if event["type"] == "dataset"]
+    assert dataset == reference_dataset and dataset["eval_documents"] > 0
+    metadata = json.loads((job.folder / "output" / "baton-adapter.json").read_text(encoding="utf-8"))
+    assert metadata.get("eval_perplexity_before") is None and metadata.get("eval_perplexity_after") is None
+    assert_same_adapter(job.adapter(), reference.adapter())
+
+
 def test_kill_9_resumes_from_the_checkpoint_and_equals_an_uninterrupted_run(
     workdir: Path, model: Path, corpus: Path, reference: Job
 ) -> None:

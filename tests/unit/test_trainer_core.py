@@ -227,6 +227,7 @@ async def test_submit_fills_every_default_and_estimates_resources(harness: Harne
     assert (hyper.micro_batch_size, hyper.grad_accumulation_steps, hyper.eval_fraction) == (1, 4, 0.05)
     assert hyper.max_steps == 3 and hyper.epochs is None  # only max_steps set: no epoch limit
     assert hyper.eval_every_steps == hyper.checkpoint_every_steps == 2 and hyper.keep_checkpoints == 2
+    assert hyper.evaluate is True  # the trainer scores its held-out split unless told not to
     assert spec.gpu.priority == 5 and spec.gpu.preemptible is True and spec.hot_load is True
     assert spec.gpu.vram_bytes == job.estimate.vram_bytes > 0
     assert job.estimate.disk_bytes > 0 and job.estimate.ram_bytes > job.estimate.vram_bytes
