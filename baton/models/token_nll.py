@@ -27,6 +27,22 @@ IGNORE_INDEX = -100  # the label of positions that are not scored (padding, prom
 _CHECK_TOKENS = 8
 
 
+def next_token_nll(
+    model: Any, head: LogitsHead | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """NLL of ``labels[:, t + 1]`` given the tokens up to t, per position (batch, length - 1), 0 where the label is
+    IGNORE_INDEX: through ``head`` (``LogitsHead.of(model)``) when there is one, else from the model's own logits."""
+    if head is not None:
+        return head.token_nll(input_ids, attention_mask, labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    # Rows of (token, vocabulary): ~3x faster on a CPU than cross_entropy's (batch, vocabulary, length) form.
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.view(targets.shape)
+
+
 @dataclass
 class LogitsHead:
     """A causal LM split at its output layer: ``decoder(input_ids, attention_mask)`` gives the last hidden states and
@@ -75,9 +91,8 @@ class LogitsHead:
         model.eval()
         try:
             with torch.no_grad():
-                theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, :-1].float()
-                expected = torch.nn.functional.cross_entropy(theirs, ids[0, 1:], reduction="none")
-                ours = self.token_nll(ids, mask, ids)[0]
+                expected = next_token_nll(model, None, ids, mask, ids)
+                ours = self.token_nll(ids, mask, ids)
         finally:
             model.train(training)
         return bool(torch.allclose(ours, expected, rtol=1e-4, atol=1e-4))
@@ -104,11 +119,21 @@ def _logits_and_lse(
     return logits, torch.logsumexp(logits, dim=-1)
 
 
-def _nll_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # unscored rows (padding, prompts) cost nothing
+def _scored_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, workspace: _Workspace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nll of every row, the scored rows, their targets, their logits, their log-sum-exp): unscored rows (padding,
+    prompts) cost nothing."""
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    index = targets[rows].unsqueeze(1)
     logits, lse = _logits_and_lse(hidden.index_select(0, rows), weight, workspace)
-    picked = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-    return torch.zeros(targets.shape[0], dtype=lse.dtype, device=lse.device).index_copy_(0, rows, lse - picked)
+    picked = logits.gather(1, index).squeeze(1)
+    nll = torch.zeros(targets.shape[0], dtype=lse.dtype, device=lse.device).index_copy_(0, rows, lse - picked)
+    return nll, rows, index, logits, lse
+
+
+def _nll_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
+    return _scored_nll(hidden, weight, targets, workspace)[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -119,11 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, workspace: _Workspace
     ) -> torch.Tensor:
-        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        index = targets[rows].unsqueeze(1)
-        logits, lse = _logits_and_lse(hidden.detach().index_select(0, rows), weight, workspace)
-        picked = logits.gather(1, index).squeeze(1)
-        nll = torch.zeros(targets.shape[0], dtype=lse.dtype, device=lse.device).index_copy_(0, rows, lse - picked)
+        nll, rows, index, logits, lse = _scored_nll(hidden.detach(), weight, targets, workspace)
         # d nll / d logits = softmax - one_hot(target): computed in place, over the logits.
         probabilities = logits.sub_(lse.unsqueeze(1)).exp_()
         probabilities.scatter_add_(1, index, torch.full_like(index, -1, dtype=probabilities.dtype))

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from baton.models.token_nll import LogitsHead
+from baton.models.token_nll import LogitsHead, next_token_nll
 from baton.runtime.errors import FailedPrecondition
 from baton.runtime.files import fsync_dir, fsync_tree
 from baton.runtime.logging import log_event
@@ -320,14 +320,7 @@ class TrainingRun:
     def _summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the next-token cross-entropy over the labelled tokens (the caller divides): summed here rather
         than averaged by the model so that micro-batches of any size weigh every token the same."""
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        if self.head is not None:
-            return self.head.token_nll(ids, mask, labels).sum()
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        shifted = logits[:, :-1, :].float()
-        return torch.nn.functional.cross_entropy(
-            shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        return next_token_nll(self.model, self.head, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         # float32 computes as is; otherwise the plain (non-NF4) base is in the compute dtype already and NF4 has

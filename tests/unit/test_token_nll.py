@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from baton.models.token_nll import IGNORE_INDEX, LogitsHead, _LinearCrossEntropy, _Workspace
+from baton.models.token_nll import IGNORE_INDEX, LogitsHead, _LinearCrossEntropy, _Workspace, next_token_nll
 
 VOCAB = 300
 
@@ -96,6 +96,9 @@ def test_a_lora_model_gets_the_same_loss_and_gradients_as_from_its_logits() -> N
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(our_grads, their_grads, strict=True))
     with torch.inference_mode():  # scoring: no gradient kept, same numbers
         assert torch.allclose(head.token_nll(ids, mask, labels), theirs, atol=1e-5)
+        # what a model without a plain head gets: its own logits, the same numbers
+        assert torch.allclose(next_token_nll(model, None, ids, mask, labels), theirs, atol=1e-5)
+        assert torch.equal(next_token_nll(model, head, ids, mask, labels), head.token_nll(ids, mask, labels))
     with model.disable_adapter(), torch.inference_mode():  # the base alone, as `baton eval views` scores it
         base = reference_nll(model, ids, mask, labels)
         assert torch.allclose(head.token_nll(ids, mask, labels), base, atol=1e-5)
