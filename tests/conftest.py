@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.runtime.process import ServiceProcess, free_port
+from baton.runtime.process import PORT_RANGE_ENV, ServiceProcess, free_port
 
 pytest_plugins = [
     "tests.fixtures.embedder",
@@ -24,6 +24,21 @@ pytest_plugins = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # In CI a test that needs a missing component must fail, never skip (DESIGN.md, working rules).
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# `make test` runs the suite in parallel workers (pytest-xdist: gw0, gw1, ...). Each gets its own range of ports,
+# below the kernel's ephemeral range, for free_port to pick from — it and every process it starts, since the range
+# travels in the environment — so two workers never hand the same port to two services at once.
+PORTS_PER_WORKER = 4000
+FIRST_WORKER_PORT = 12000
+
+
+def _worker_port_range(worker: str) -> str:
+    first = FIRST_WORKER_PORT + int(worker.removeprefix("gw")) * PORTS_PER_WORKER
+    return f"{first}-{first + PORTS_PER_WORKER - 1}"
+
+
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[PORT_RANGE_ENV] = _worker_port_range(worker)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,31 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+# "FIRST-LAST": free_port picks from these ports instead of asking the kernel. Processes that pick ports at the same
+# time — parallel test workers (tests/conftest.py gives each its own range) — then never pick the same one.
+PORT_RANGE_ENV = "BATON_PORT_RANGE"
+_handed_out: set[int] = set()  # a port is handed out once per process: the first taker may not have bound it yet
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now (the kernel's choice); good enough for loopback tests and demos."""
+    """A port that is free right now: the kernel's choice, or one of BATON_PORT_RANGE's; good enough for loopback
+    tests and demos."""
+    span = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not span:
+        return _bind_and_release(host, 0)
+    first, last = (int(end) for end in span.split("-"))
+    candidates = [port for port in range(first, last + 1) if port not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        with contextlib.suppress(OSError):
+            _handed_out.add(_bind_and_release(host, port))
+            return port
+    raise RuntimeError(f"no free port left in {PORT_RANGE_ENV}={span}")
+
+
+def _bind_and_release(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind((host, port))
         return int(sock.getsockname()[1])
 
 

@@ -30,7 +30,8 @@ from baton.clients.gateway import API_KEY_FILE, GatewayClient, read_secret
 from baton.demo import DEMO_ADAPTER, DEMO_QUESTION, DEMO_RESULT, DEMO_SOURCE, EXAMPLE_CORPUS
 from baton.stack import stop_recorded_stack
 
-pytestmark = pytest.mark.integration
+# solo: its ten minutes are for a machine that runs nothing else (make test runs it after the parallel part).
+pytestmark = [pytest.mark.integration, pytest.mark.solo]
 
 DEMO_LIMIT_S = 600  # the issue: `make demo` runs to the end in CI in under 10 minutes
 STAGES = ("[0/7] baton up", "[1/7] ingest", "[2/7] training set", "[3/7] train", "[4/7] register", "[5/7] hot-load",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import grpc
@@ -112,3 +113,25 @@ def test_the_settings_reference_lists_every_setting(settings_class: str) -> None
         if field == "home":
             continue  # documented as BATON_HOME, shared by every service
         assert env_name(cls, field) in reference, field
+
+
+def test_free_port_in_a_range_picks_each_free_port_once_and_skips_a_taken_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATON_PORT_RANGE (parallel test workers each get one): ports come from it, never twice, and never one that is
+    bound already; a spent range says so."""
+    import socket
+
+    from baton.runtime import process
+
+    monkeypatch.setattr(process, "_handed_out", set())
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        # Below the test workers' ranges (tests/conftest.py) and the kernel's own: nothing else binds there.
+        busy = 11_000 + random.randrange(900)
+        taken.bind(("127.0.0.1", busy))
+        span = range(busy - 2, busy + 3)
+        monkeypatch.setenv(process.PORT_RANGE_ENV, f"{span[0]}-{span[-1]}")
+        picked = [process.free_port() for _ in range(4)]
+        assert sorted(picked) == [port for port in span if port != busy]
+        with pytest.raises(RuntimeError, match=f"no free port left in {process.PORT_RANGE_ENV}"):
+            process.free_port()
+    monkeypatch.delenv(process.PORT_RANGE_ENV)
+    assert process.free_port() > 0  # the kernel's choice again
