@@ -35,6 +35,10 @@ def register(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
                         help=f"answer budget in tokens, the same in both modes [{DEFAULT_ANSWER_TOKENS}]")  # fmt: skip
     parser.add_argument("-k", type=int, default=None, help="chunks retrieved per question [the gateway's chat_k]")
+    parser.add_argument("--grounding", type=float, default=None,
+                        help="context-aware decoding weight with memory, 0 off [gateway default]")  # fmt: skip
+    parser.add_argument("--modes", default="rag,no-rag",
+                        help="which modes to ask, comma-separated: rag, no-rag [both]")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=1,
                         help="chats in flight at once [1: latencies without queueing]")  # fmt: skip
     parser.add_argument("--user", default=None, help="user and tenant that holds the dataset [eval-<dataset>]")
@@ -51,6 +55,10 @@ def eval_answers(args: argparse.Namespace) -> None:
         dataset = answers.AnswerSet.load(Path(args.beir), max_questions=args.max_questions, offset=args.offset)
     except (BatonError, OSError) as error:
         raise SystemExit(f"baton eval answers: {error}") from None
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - set(answers.MODES))
+    if unknown or not modes:
+        raise SystemExit(f"baton eval answers: --modes takes {' and '.join(answers.MODES)}, not {args.modes!r}")
     user = args.user or f"eval-{dataset.name}"
     say = (lambda _: None) if args.json else print
     say(f"{dataset.name}: {len(dataset.corpus)} documents, {len(dataset.questions)} questions (tenant {user})")
@@ -65,13 +73,16 @@ def eval_answers(args: argparse.Namespace) -> None:
             with GatewayClient(args.gateway, api_key=str(issued["key"])) as client:
                 with tqdm(total=len(dataset.corpus), desc="ingest", unit="doc", disable=quiet) as bar:
                     upload_corpus(client, BeirDataset(dataset.name, dataset.corpus, {}, {}), bar.update)
-                with tqdm(total=2 * len(dataset.questions), desc="ask", unit="chat", disable=quiet) as bar:
-                    outcomes = answers.run(client, dataset.questions, max_tokens=args.max_tokens, k=args.k,
-                                           concurrency=args.concurrency, on_done=lambda _: bar.update())  # fmt: skip
+                total = len(modes) * len(dataset.questions)
+                with tqdm(total=total, desc="ask", unit="chat", disable=quiet) as bar:
+                    outcomes = answers.run(client, dataset.questions, modes=modes, max_tokens=args.max_tokens,
+                                           k=args.k, grounding=args.grounding, concurrency=args.concurrency,
+                                           on_done=lambda _: bar.update())  # fmt: skip
         finally:
             admin.revoke_key(user, str(issued["id"]))
     rows = answers.summarise(outcomes)
-    result = answers.report(dataset, rows, outcomes, max_tokens=args.max_tokens, k=args.k, offset=args.offset)
+    result = answers.report(dataset, rows, outcomes, max_tokens=args.max_tokens, k=args.k, offset=args.offset,
+                            grounding=args.grounding)  # fmt: skip
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:

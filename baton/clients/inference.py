@@ -85,9 +85,14 @@ class InferenceClient:
         request_id: str = "",
         max_wait_s: float | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        contrast: str | Sequence[tuple[str, str]] | None = None,
+        contrast_weight: float = 0.0,
         **sampling: Any,
     ) -> inference_pb2.GenerateRequest:
-        """A GenerateRequest; ``sampling`` takes SamplingParams' fields (temperature=0, max_tokens=32, stop=[...])."""
+        """A GenerateRequest; ``sampling`` takes SamplingParams' fields (temperature=0, max_tokens=32, stop=[...]).
+
+        ``contrast``: context-aware decoding against this prompt (a text, or a chat rendered like ``chat``), weighted
+        by ``contrast_weight``."""
         unknown = set(sampling) - SAMPLING_FIELDS
         if unknown:
             raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
@@ -102,6 +107,12 @@ class InferenceClient:
             request.prompt_token_ids.ids.extend(token_ids)
         if max_wait_s is not None:
             request.max_wait_s = max_wait_s
+        if contrast is not None:
+            request.contrast.weight = contrast_weight
+            if isinstance(contrast, str):
+                request.contrast.prompt = contrast
+            else:
+                request.contrast.chat.CopyFrom(chat_input(contrast, template_kwargs=template_kwargs))
         return request
 
     async def generate(self, **kwargs: Any) -> AsyncIterator[inference_pb2.GenerateResponse]:

@@ -129,11 +129,22 @@ class Outcome:
         return self.gold_doc in self.cited_docs
 
 
-def ask(client: GatewayClient, question: Question, mode: str, *, max_tokens: int, k: int | None) -> Outcome:
-    """One greedy chat with memory on (``rag``) or off (``no-rag``), timed as the client sees it."""
+def ask(
+    client: GatewayClient,
+    question: Question,
+    mode: str,
+    *,
+    max_tokens: int,
+    k: int | None,
+    grounding: float | None = None,
+) -> Outcome:
+    """One greedy chat with memory on (``rag``) or off (``no-rag``), timed as the client sees it; ``grounding``:
+    the context-aware decoding weight with memory (None: the gateway's default)."""
     options: dict[str, Any] = {"rag": mode == "rag"}
     if k is not None and mode == "rag":
         options["k"] = k
+    if grounding is not None and mode == "rag":
+        options["grounding"] = grounding
     started = time.perf_counter()
     try:
         reply = client.chat([{"role": "user", "content": question.text}], baton=options, temperature=0,
@@ -165,6 +176,7 @@ def run(
     modes: Sequence[str] = MODES,
     max_tokens: int = 64,
     k: int | None = None,
+    grounding: float | None = None,
     concurrency: int = 1,
     on_done: Callable[[Outcome], None] = lambda _: None,
 ) -> list[Outcome]:
@@ -173,7 +185,7 @@ def run(
     jobs = [(question, mode) for question in questions for mode in modes]
 
     def one(job: tuple[Question, str]) -> Outcome:
-        outcome = ask(client, job[0], job[1], max_tokens=max_tokens, k=k)
+        outcome = ask(client, job[0], job[1], max_tokens=max_tokens, k=k, grounding=grounding)
         on_done(outcome)
         return outcome
 

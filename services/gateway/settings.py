@@ -63,6 +63,15 @@ class GatewaySettings(CommonSettings):
         True, description="Chat answers from the tenant's memory unless a request sets baton.rag=false."
     )
     chat_k: int = Field(8, ge=1, le=1000, description="Chunks retrieved per chat question (a request's baton.k wins).")
+    chat_grounding: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="Context-aware decoding with memory: each token is chosen by (1 + w) x what the model says with "
+        "the sources - w x what it says without them, so the sources' facts win over what it would say anyway "
+        "(measured: more answers right on XQuAD-en with SmolLM2). 0 = off; only on engines that run it (hf); a "
+        "request's baton.grounding wins.",
+    )
     chat_answer_tokens: int = Field(
         512,
         ge=1,

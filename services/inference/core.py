@@ -18,10 +18,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from baton.runtime.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from baton.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from baton.runtime.logging import log_event
 from services.inference.adapters import AdapterFiles, AdapterRegistry, check_adapter_name
-from services.inference.engine import AdapterSlot, EngineDelta, EngineRequest, InferenceEngine, Sampling, TokenLogprob
+from services.inference.engine import (
+    AdapterSlot,
+    Contrast,
+    EngineDelta,
+    EngineRequest,
+    InferenceEngine,
+    Sampling,
+    TokenLogprob,
+)
 from services.inference.lifecycle import Lifecycle, ServiceState
 from services.inference.metrics import InferenceMetrics
 from services.inference.prompts import ChatPrompt, PromptTokenizer
@@ -62,6 +70,19 @@ class SamplingInput:
     skip_special_tokens: bool | None = None
 
 
+MAX_CONTRAST_WEIGHT = 10.0
+
+
+@dataclass(frozen=True)
+class ContrastInput:
+    """The second input of context-aware decoding (``engine.Contrast``): exactly one input, as in GenerateCall."""
+
+    weight: float
+    prompt: str | None = None
+    chat: ChatPrompt | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
 @dataclass(frozen=True)
 class GenerateCall:
     """One generation request; exactly one of prompt, chat and token_ids is set."""
@@ -73,6 +94,7 @@ class GenerateCall:
     sampling: SamplingInput = field(default_factory=SamplingInput)
     adapter_name: str = ""
     max_wait_s: float | None = None
+    contrast: ContrastInput | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,7 @@ class InferenceCore:
         request_id = call.request_id or f"gen-{uuid.uuid4().hex[:16]}"
         self.lifecycle.check_accepting()
         prompt_ids = await asyncio.to_thread(self._prompt_ids, call)
+        contrast = await asyncio.to_thread(self._contrast, call.contrast)
         sampling = self._resolve_sampling(call.sampling, len(prompt_ids))
         entry = self._pin_adapter(call.adapter_name)
         adapter_name = entry.name if entry else ""
@@ -173,7 +196,7 @@ class InferenceCore:
                 wake_s = queue_s if self._wake_marker() != wake_before else 0.0
                 self.metrics.queue_seconds.observe(queue_s)
                 self.metrics.prompt_tokens.inc(len(prompt_ids))
-                request = EngineRequest(request_id, prompt_ids, sampling, entry.slot if entry else None)
+                request = EngineRequest(request_id, prompt_ids, sampling, entry.slot if entry else None, contrast)
                 stream = _Stream(self.engine, request)
                 running.task = stream.start()
                 first_token_at = 0.0
@@ -267,11 +290,31 @@ class InferenceCore:
         return self.lifecycle.state_since_unix_s if self.lifecycle.state != ServiceState.AWAKE else -1.0
 
     def _prompt_ids(self, call: GenerateCall) -> list[int]:
-        given = [call.prompt is not None, call.chat is not None, call.token_ids is not None]
+        return self._input_ids(call.prompt, call.chat, call.token_ids)
+
+    def _contrast(self, contrast: ContrastInput | None) -> Contrast | None:
+        if contrast is None:
+            return None
+        if not self.engine.info.contrast:
+            raise FailedPrecondition(
+                f"the {self.engine.info.engine} engine does not run a contrast (context-aware decoding): send the "
+                "request without one, or serve the model with the hf engine",
+                reason="CONTRAST_UNSUPPORTED",
+            )
+        if not 0 < contrast.weight <= MAX_CONTRAST_WEIGHT:
+            raise InvalidArgument(
+                f"contrast weight {contrast.weight} is out of range: give a weight above 0 and at most "
+                f"{MAX_CONTRAST_WEIGHT:g} (0.5 is usual)",
+                reason="BAD_CONTRAST_WEIGHT",
+            )
+        return Contrast(self._input_ids(contrast.prompt, contrast.chat, contrast.token_ids), contrast.weight)
+
+    def _input_ids(self, prompt: str | None, chat: ChatPrompt | None, token_ids: tuple[int, ...] | None) -> list[int]:
+        given = [prompt is not None, chat is not None, token_ids is not None]
         if sum(given) != 1:
             raise InvalidArgument("give exactly one of prompt, chat and prompt_token_ids", reason="EMPTY_INPUT")
-        if call.token_ids is not None:
-            ids = list(call.token_ids)
+        if token_ids is not None:
+            ids = list(token_ids)
             if not ids:
                 raise InvalidArgument("prompt_token_ids is empty", reason="EMPTY_INPUT")
             bad = [token for token in ids if token >= self.tokenizer.vocab_size]
@@ -280,15 +323,15 @@ class InferenceCore:
                     f"token id {bad[0]} is not below the vocabulary size {self.tokenizer.vocab_size}",
                     reason="BAD_TOKEN_ID",
                 )
-        elif call.chat is not None:
-            self._check_bytes(sum(len(turn.content.encode()) for turn in call.chat.messages))
-            ids, _ = self.tokenizer.chat_ids(call.chat)
+        elif chat is not None:
+            self._check_bytes(sum(len(turn.content.encode()) for turn in chat.messages))
+            ids, _ = self.tokenizer.chat_ids(chat)
         else:
-            assert call.prompt is not None
-            if not call.prompt:
+            assert prompt is not None
+            if not prompt:
                 raise InvalidArgument("prompt is empty", reason="EMPTY_INPUT")
-            self._check_bytes(len(call.prompt.encode()))
-            ids = self.tokenizer.text_ids(call.prompt)
+            self._check_bytes(len(prompt.encode()))
+            ids = self.tokenizer.text_ids(prompt)
         if len(ids) >= self.limits.max_model_len:
             raise InvalidArgument(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.limits.max_model_len} tokens for "

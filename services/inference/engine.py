@@ -55,6 +55,7 @@ class EngineInfo:
     quantization: str  # "none", "bitsandbytes-4bit", ...
     device: str  # "cpu", "cuda:0"
     yield_method: YieldMethod
+    contrast: bool = False  # runs EngineRequest.contrast (context-aware decoding)
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,23 @@ class AdapterSlot:
 
 
 @dataclass(frozen=True)
+class Contrast:
+    """Context-aware decoding (Shi et al., 2023, "Trusting Your Evidence"): each token is chosen from
+    ``(1 + weight) * logits(prompt) - weight * logits(contrast prompt)``, where the contrast prompt is the same
+    request without its retrieved sources — so what the sources add counts more than what the model would say
+    anyway. Engines that cannot run it report ``EngineInfo.contrast`` False."""
+
+    prompt_token_ids: list[int]
+    weight: float  # > 0
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: Sampling
     adapter: AdapterSlot | None = None  # None: the base model
+    contrast: Contrast | None = None
 
 
 @dataclass(frozen=True)

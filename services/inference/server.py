@@ -155,6 +155,7 @@ def info_response(
         vram_estimate_bytes=vram_bytes,
         version=__version__,
         tokenizer_sha256=tokenizer.fingerprint,
+        contrast=engine.contrast,
     )
 
 

@@ -8,7 +8,14 @@ import grpc
 
 from baton.runtime.errors import grpc_errors
 from baton.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.core import AdapterEntry, GenerateCall, GenerationChunk, InferenceCore, SamplingInput
+from services.inference.core import (
+    AdapterEntry,
+    ContrastInput,
+    GenerateCall,
+    GenerationChunk,
+    InferenceCore,
+    SamplingInput,
+)
 from services.inference.lifecycle import ServiceState
 from services.inference.prompts import chat_prompt
 
@@ -199,6 +206,17 @@ def generate_call(request: pb.GenerateRequest, max_wait_s: float | None) -> Gene
         sampling=sampling_input(request.sampling),
         adapter_name=request.adapter_name,
         max_wait_s=max_wait_s,
+        contrast=contrast_input(request.contrast) if request.HasField("contrast") else None,
+    )
+
+
+def contrast_input(contrast: pb.GenerateContrast) -> ContrastInput:
+    which = contrast.WhichOneof("input")
+    return ContrastInput(
+        weight=contrast.weight,
+        prompt=contrast.prompt if which == "prompt" else None,
+        chat=chat_prompt(contrast.chat) if which == "chat" else None,
+        token_ids=tuple(contrast.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
     )
 
 

@@ -26,7 +26,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.models.tiny import CHAT_PROMPTS, chat_prompt_ids
-from services.inference.engine import AdapterSlot, EngineConfig, EngineDelta, EngineRequest, InferenceEngine, Sampling
+from services.inference.engine import (
+    AdapterSlot,
+    Contrast,
+    EngineConfig,
+    EngineDelta,
+    EngineRequest,
+    InferenceEngine,
+    Sampling,
+)
 from tests.fixtures.inference import AdapterRegistry
 
 MAX_TOKENS = 24
@@ -126,13 +134,15 @@ async def run(
     request_id: str = "r",
     streaming: asyncio.Event | None = None,
     lag: float = 0.0,
+    contrast: Contrast | None = None,
     **sampling: object,
 ) -> Output:
     """Generate (greedy, ``MAX_TOKENS`` unless told otherwise) and collect the stream; ``streaming`` is set at the
     first delta; ``lag`` seconds of sleep after each delta make a slow consumer."""
     params: dict[str, object] = {"max_tokens": MAX_TOKENS, "temperature": 0.0, **sampling}
     out = Output()
-    async for delta in engine.generate(EngineRequest(request_id, ids, Sampling(**params), adapter)):  # type: ignore[arg-type]
+    request = EngineRequest(request_id, ids, Sampling(**params), adapter, contrast)  # type: ignore[arg-type]
+    async for delta in engine.generate(request):
         out.first_at = out.first_at or time.monotonic()
         if streaming is not None:
             streaming.set()

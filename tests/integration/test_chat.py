@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -277,6 +278,32 @@ def test_an_adapter_changes_the_answer(chat_stack: ChatStack) -> None:
     assert with_adapter.choices[0].message.content.startswith(PHRASE_A)
     assert not base.choices[0].message.content.startswith(PHRASE_A)
     assert with_adapter.baton["rag"] is None and with_adapter.baton["citations"] == []
+
+
+def test_grounding_decodes_against_the_question_without_its_sources(chat_stack: ChatStack) -> None:
+    """With memory the gateway asks for context-aware decoding (the hf engine runs it) at its default weight; a
+    request's baton.grounding sets the weight, 0 turns it off, and a weight changes the tiny model's answer — the
+    contrast reached the engine. Without memory there is nothing to contrast."""
+    tenant = new_tenant()
+    upload(chat_stack, tenant, [("comets.md", ORBITS)])
+    client = chat_stack.client(tenant)
+    question = {"model": chat_stack.base_model, "messages": ask("When is Halley's comet due next?"), "max_tokens": 16,
+                "temperature": 0}  # fmt: skip
+
+    def answer(**baton: object) -> tuple[str, dict[str, Any] | None]:
+        reply = client.chat.completions.create(**question, extra_body={"baton": baton})
+        return reply.choices[0].message.content or "", reply.baton["rag"]
+
+    default_text, default_rag = answer()
+    off_text, off_rag = answer(grounding=0)
+    strong_text, strong_rag = answer(grounding=4)
+    assert (default_rag["grounding"], off_rag["grounding"], strong_rag["grounding"]) == (0.5, 0, 4)
+    assert strong_text != off_text, "the contrast changes what the model says"
+    assert answer(grounding=0.5)[0] == default_text, "greedy and contrastive: the same answer twice"
+    assert answer(rag=False)[1] is None
+    bad = httpx.post(f"{chat_stack.gateway.url}/v1/chat/completions", headers=chat_stack.headers(tenant),
+                     json={**question, "baton": {"grounding": -1}})  # fmt: skip
+    assert bad.status_code in (400, 422) and "grounding" in bad.text
 
 
 def test_rag_off_collections_and_tenants(chat_stack: ChatStack) -> None:

@@ -10,19 +10,22 @@ sleep and wake — is in ``test_engine_conformance.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from baton.models.tiny import CHAT_PROMPTS
 from baton.runtime.errors import InvalidArgument, Unavailable
-from services.inference.engine import AdapterSlot, EngineRequest, Sampling
+from services.inference.engine import AdapterSlot, Contrast, EngineRequest, Sampling
 from services.inference.engines.hf_engine import HfEngine
 from tests.fixtures.inference import PHRASE_A, AdapterRegistry
-from tests.integration.engine_helpers import make_config, prompt_ids, reference, run, slot, started
+from tests.integration.engine_helpers import MAX_TOKENS, make_config, prompt_ids, reference, run, slot, started
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +34,86 @@ pytestmark = pytest.mark.integration
 async def engine(tiny_llm: Path) -> AsyncIterator[HfEngine]:
     async with started(HfEngine(make_config(tiny_llm))) as engine:
         yield engine
+
+
+# ------------------------------------------------------------------------------------------------ contrast
+
+
+def contrastive_reference(
+    model_path: Path, ids: list[int], contrast_ids: list[int], weight: float, steps: int = MAX_TOKENS
+) -> list[int]:
+    """Context-aware decoding written out with plain transformers: two caches, one per prompt, and each token the
+    argmax of (1 + weight) x logits(prompt) - weight x logits(contrast prompt)."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    caches = [DynamicCache(), DynamicCache()]
+    inputs = [torch.tensor([ids]), torch.tensor([contrast_ids])]
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            main, other = (
+                model(input_ids=x, past_key_values=c).logits[0, -1] for x, c in zip(inputs, caches, strict=True)
+            )
+            token = int(torch.argmax((1 + weight) * main - weight * other))
+            out.append(token)
+            inputs = [torch.tensor([[token]])] * 2
+    return out
+
+
+async def test_a_contrast_decodes_by_the_contrastive_formula_beside_plain_requests(
+    engine: HfEngine, tiny_llm: Path
+) -> None:
+    """A request with a contrast (its shadow row decodes in the same batch as two plain requests) gives exactly the
+    tokens of context-aware decoding written out by hand; the plain requests keep their own outputs; an abort of
+    the contrasted request mid-way leaves the engine serving."""
+    ids, contrast_ids = prompt_ids(tiny_llm, CHAT_PROMPTS[0]), prompt_ids(tiny_llm, CHAT_PROMPTS[1])
+    contrast = Contrast(contrast_ids, 1.0)
+    expected = contrastive_reference(tiny_llm, ids, contrast_ids, 1.0)
+    plain = await run(engine, ids, ignore_eos=True)
+    assert expected != plain.token_ids  # the contrast changes the answer: the test can tell them apart
+    others = [prompt_ids(tiny_llm, prompt) for prompt in CHAT_PROMPTS[2:4]]
+    singles = [await run(engine, other, ignore_eos=True) for other in others]
+    together = await asyncio.gather(
+        run(engine, ids, contrast=contrast, ignore_eos=True, request_id="contrasted"),
+        *(run(engine, other, ignore_eos=True, request_id=f"plain{i}") for i, other in enumerate(others)),
+    )
+    assert together[0].token_ids == expected
+    assert [out.token_ids for out in together[1:]] == [out.token_ids for out in singles]
+    assert engine.info.contrast
+
+    streaming = asyncio.Event()
+    long_run = run(engine, ids, contrast=contrast, ignore_eos=True, max_tokens=300, streaming=streaming)
+    task = asyncio.create_task(long_run)
+    await streaming.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert (await run(engine, ids, contrast=contrast, ignore_eos=True)).token_ids == expected
+
+
+def corpus_ids(model_path: Path) -> list[int]:
+    """The bundled corpus's first essays as one long text, tokenized."""
+    corpus = Path(__file__).resolve().parents[2] / "examples" / "corpus"
+    text = "\n\n".join(path.read_text() for path in sorted(corpus.glob("*.md")) if path.name[0] in "0123")
+    return AutoTokenizer.from_pretrained(str(model_path))(text)["input_ids"]
+
+
+async def test_a_contrast_ends_where_a_sliding_window_would_part_the_pair(gemma3: Path) -> None:
+    """Gemma 3's sliding layers keep 512 positions and a row past them decodes alone, so a request and its shadow
+    cannot stay in one batch there: the contrast applies up to the window, then the answer goes on plainly (it
+    finishes, and its first tokens are the contrastive ones); a prompt already past the window decodes plainly."""
+    every = corpus_ids(gemma3)
+    ids = every[:500]  # 500 tokens: the window (510) is reached after 10 generated ones
+    contrast_ids = ids[:1] + ids[-8:]
+    async with started(HfEngine(make_config(gemma3, max_model_len=1024))) as engine:
+        contrasted = await run(engine, ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=20, ignore_eos=True)
+        plain = await run(engine, ids, max_tokens=20, ignore_eos=True)
+        assert len(contrasted.token_ids) == 20 and contrasted.finish_reason == "length"
+        first = contrastive_reference(gemma3, ids, contrast_ids, 2.0, steps=10)
+        assert contrasted.token_ids[:10] == first != plain.token_ids[:10]
+        long_ids = every[:600]
+        alone = await run(engine, long_ids, max_tokens=5, ignore_eos=True)
+        with_contrast = await run(engine, long_ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=5, ignore_eos=True)
+        assert with_contrast.token_ids == alone.token_ids
 
 
 # ------------------------------------------------------------------------------------------------ scheduling

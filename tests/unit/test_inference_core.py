@@ -7,16 +7,24 @@ the bounded queue, a lost lease aborting everything, and adapters that stay in t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from baton.runtime.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from baton.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.inference.adapters import AdapterFiles
-from services.inference.core import CoreLimits, GenerateCall, InferenceCore, SamplingInput
-from services.inference.engine import AdapterSlot, EngineDelta, EngineInfo, EngineRequest
+from services.inference.core import ContrastInput, CoreLimits, GenerateCall, InferenceCore, SamplingInput
+from services.inference.engine import AdapterSlot, Contrast, EngineDelta, EngineInfo, EngineRequest
 from services.inference.lifecycle import Lifecycle, ServiceState
 from services.inference.metrics import InferenceMetrics
 
@@ -29,7 +37,8 @@ class FakeEngine:
         self.calls: list[str] = []
         self.adapters: dict[int, AdapterSlot] = {}
         self.aborted: list[str] = []
-        self.info = EngineInfo("hf", "test", "float32", "none", "cpu", "offload")
+        self.info = EngineInfo("hf", "test", "float32", "none", "cpu", "offload", contrast=True)
+        self.requests: list[EngineRequest] = []
 
     async def start(self) -> None:
         self.calls.append("start")
@@ -52,6 +61,7 @@ class FakeEngine:
         self.adapters.pop(slot.slot_id, None)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        self.requests.append(request)
         offset = 100 * request.adapter.slot_id if request.adapter else 0
         try:
             for index in range(request.sampling.max_tokens):
@@ -319,3 +329,23 @@ def test_every_yield_method_has_a_wire_value_and_a_sleep_estimate() -> None:
     methods = set(typing.get_args(YieldMethod))
     assert methods == set(_YIELD_METHODS) == set(_DEFAULT_SLEEP_ESTIMATE_S)
     assert len(set(_YIELD_METHODS.values())) == len(methods)
+
+
+async def test_a_contrast_reaches_the_engine_tokenized_and_is_checked_first() -> None:
+    core, engine, _, _ = make_core()
+    await run(core, contrast=ContrastInput(0.5, prompt="ab"))
+    assert engine.requests[-1].contrast == Contrast([ord("a"), ord("b")], 0.5)
+    await run(core)
+    assert engine.requests[-1].contrast is None
+    for weight in (0.0, -1.0, 10.5):
+        with pytest.raises(InvalidArgument) as caught:
+            await run(core, contrast=ContrastInput(weight, prompt="ab"))
+        assert caught.value.reason == "BAD_CONTRAST_WEIGHT"
+    with pytest.raises(InvalidArgument) as caught:
+        await run(core, contrast=ContrastInput(0.5))
+    assert caught.value.reason == "EMPTY_INPUT"
+    engine.info = dataclasses.replace(engine.info, engine="vllm", contrast=False)
+    with pytest.raises(FailedPrecondition) as caught:
+        await run(core, contrast=ContrastInput(0.5, prompt="ab"))
+    assert caught.value.reason == "CONTRAST_UNSUPPORTED" and "vllm" in caught.value.message
+    assert len(engine.requests) == 2  # nothing refused reached the engine

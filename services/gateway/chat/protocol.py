@@ -80,6 +80,11 @@ class BatonChatOptions(BaseModel):
         description="Start each source with its number and title ('[1] Title — Heading'), so that the model can "
         "cite by number [a chat model: off, measured better for small models; a base model: on].",
     )
+    grounding: float | None = Field(
+        None, ge=0, le=10,
+        description="Context-aware decoding weight: how much more the sources count than what the model says "
+        "without them (0: off; used only where the engine runs it, the hf engine) [BATON_GATEWAY_CHAT_GROUNDING].",
+    )  # fmt: skip
 
 
 class ChatCompletionRequest(BaseModel):
@@ -200,6 +205,9 @@ class RagStats(BaseModel):
     token_counts: Literal["local", "service"] = Field(
         description="Who counted the tokens: the served model's tokenizer loaded in the gateway (same files, same "
         "hash), or the inference service (CountTokens)."
+    )
+    grounding: float = Field(
+        description="The context-aware decoding weight the answer was generated with (0: plain decoding)."
     )
 
 

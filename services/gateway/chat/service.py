@@ -63,6 +63,7 @@ class RagOptions:
     min_relative_score: float | None = None
     sentences: int | None = None
     labels: bool | None = None
+    grounding: float = 0.0  # context-aware decoding weight with sources (0: off)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class PreparedChat:
     search_timings: SearchTimings | None = None
     pack_s: float = 0.0
     token_counts: str = ""  # who counted the tokens for packing: "local" (this process) or "service" (CountTokens)
+    # Context-aware decoding: the same prompt without the sources, and its weight (0: plain decoding).
+    contrast: Prompt | None = None
+    grounding: float = 0.0
 
     @property
     def rag_used(self) -> bool:
@@ -110,7 +114,9 @@ class PreparedChat:
         packed = self.packed
         return {
             "citations": citations(packed.passages, answer, self.query) if packed is not None else [],
-            "rag": {**packed.stats(), "token_counts": self.token_counts} if packed is not None else None,
+            "rag": {**packed.stats(), "token_counts": self.token_counts, "grounding": self.grounding}
+            if packed is not None
+            else None,
             "timings": timings,
         }
 
@@ -234,6 +240,8 @@ class ChatService:
         except BatonError as error:
             raise self._translate(error, call.model) from None
         prepared.packed, prepared.prompt = packed, packed.prompt
+        if call.rag.grounding > 0 and info.contrast and packed.passages:
+            prepared.contrast, prepared.grounding = style.render(call.conversation, []), call.rag.grounding
         prepared.retrieve_s = packing_started - started
         prepared.pack_s = time.perf_counter() - packing_started
         metrics.RETRIEVAL_SECONDS.observe(prepared.retrieve_s)
@@ -264,6 +272,8 @@ class ChatService:
         prompt = prepared.prompt
         stream = self._inference.generate(
             **({"prompt": prompt} if isinstance(prompt, str) else {"chat": prompt}),
+            contrast=prepared.contrast,
+            contrast_weight=prepared.grounding,
             adapter=prepared.adapter,
             request_id=call.request_id,
             template_kwargs=call.template_kwargs,

@@ -92,6 +92,7 @@ def decode(body: ChatCompletionRequest, tenant: str, settings: GatewaySettings) 
         min_relative_score=options.min_relative_score if options else None,
         sentences=options.sentences if options else None,
         labels=options.labels if options else None,
+        grounding=settings.chat_grounding if options is None or options.grounding is None else options.grounding,
     )
     conversation = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in body.messages)
     return ChatCall(tenant, body.model or "", conversation, body.sampling(), rag, body.chat_template_kwargs)

@@ -100,6 +100,10 @@ class _Sequence:
     counts: torch.Tensor | None = None  # output token counts, for the presence and frequency penalties
     aborted: bool = False
     finished: bool = False
+    # Context-aware decoding: the request's contrast prompt decodes as a row of its own (``shadow``) beside it, in
+    # the same batch, fed the tokens the request chooses; it never emits. ``shadow_of`` marks that row.
+    shadow: _Sequence | None = None
+    shadow_of: _Sequence | None = None
 
     @property
     def sampling(self) -> Sampling:
@@ -153,7 +157,7 @@ class HfEngine:
     @property
     def info(self) -> EngineInfo:
         device = f"cuda:{self._device.index or 0}" if self._device.type == "cuda" else "cpu"
-        return EngineInfo("hf", transformers.__version__, self.config.dtype, "none", device, "offload")
+        return EngineInfo("hf", transformers.__version__, self.config.dtype, "none", device, "offload", contrast=True)
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -230,6 +234,17 @@ class HfEngine:
                 f"max_model_len {self.config.max_model_len}: shorten it",
                 reason="CONTEXT_LENGTH_EXCEEDED",
             )
+        sequence = self._sequence(request)
+        contrast = request.contrast
+        if contrast is not None and contrast.prompt_token_ids and contrast.weight > 0:
+            shadow_request = EngineRequest(
+                f"{request.request_id}~contrast", list(contrast.prompt_token_ids), request.sampling, request.adapter
+            )
+            sequence.shadow = self._sequence(shadow_request)
+            sequence.shadow.shadow_of = sequence
+        return sequence
+
+    def _sequence(self, request: EngineRequest) -> _Sequence:
         sampling = request.sampling
         return _Sequence(
             request=request,
@@ -355,7 +370,13 @@ class HfEngine:
 
     def _decode(self, batch: DecodeBatch) -> None:
         """One token for every row of ``batch`` in one forward pass."""
+        for index, row in enumerate(batch.rows):
+            request = row.shadow_of or row
+            if request.shadow is not None and batch.shared and batch.positions[index] > batch.window:
+                self._end_contrast(request, f"the answer reached the sliding window ({batch.window} tokens)")
         for index in batch.outgrown():  # about to reach a sliding window: on its own from now on
+            if batch.rows[index].finished:
+                continue  # an ended shadow: dropped below
             alone = batch.split_off(index)
             alone.rows[0].batch = alone
             self._batches.append(alone)
@@ -376,18 +397,49 @@ class HfEngine:
             self._batches.remove(batch)
             return
         batch.stepped()
-        logits = outputs.logits[:, -1].float()  # like generate(): sample in float32 whatever the weights are
-        best = logits.argmax(dim=-1).tolist()  # one op for every greedy row (most requests are greedy)
         with torch.inference_mode():  # the penalties' per-request tensors are inference tensors
-            for index, row in enumerate(batch.rows):
-                self._token_or_fail(row, logits[index], best[index])
+            self._take_tokens(batch.rows, outputs.logits[:, -1])
         self._keep_rows(batch, lambda row: not row.finished)
 
+    def _take_tokens(self, rows: list[_Sequence], last_logits: torch.Tensor) -> None:
+        """Each request's next token from its row of ``last_logits`` — contrasted with its shadow's row where it has
+        one — then each shadow is fed the token its request chose (or ends with it)."""
+        logits = last_logits.float()  # like generate(): sample in float32 whatever the weights are
+        at = {id(row): index for index, row in enumerate(rows)}
+        for index, row in enumerate(rows):
+            if row.shadow is not None and id(row.shadow) in at:
+                weight = row.request.contrast.weight  # type: ignore[union-attr]  # a shadow implies a contrast
+                logits[index] = (1 + weight) * logits[index] - weight * logits[at[id(row.shadow)]]
+        best = logits.argmax(dim=-1).tolist()  # one op for every greedy row (most requests are greedy)
+        for index, row in enumerate(rows):
+            if row.shadow_of is None:
+                self._token_or_fail(row, logits[index], best[index])
+        for row in rows:
+            if row.shadow_of is not None:
+                self._follow(row)
+
+    @staticmethod
+    def _follow(shadow: _Sequence) -> None:
+        request = shadow.shadow_of
+        assert request is not None
+        if request.finished or request.aborted or not request.output:
+            shadow.finished = True
+        else:
+            shadow.output.append(request.output[-1])
+
     def _keep_rows(self, batch: DecodeBatch, keep: Callable[[_Sequence], bool]) -> None:
+        """Keep the rows ``keep`` accepts (it is asked once per request); a shadow goes with its request."""
         for row in batch.rows:
             if row.aborted and not row.finished:
                 row.finished = True
-        batch.keep([index for index, row in enumerate(batch.rows) if keep(row)])
+        kept = {id(row) for row in batch.rows if row.shadow_of is None and keep(row)}
+        batch.keep(
+            [
+                index
+                for index, row in enumerate(batch.rows)
+                if id(row.shadow_of if row.shadow_of is not None else row) in kept and not row.finished
+            ]
+        )
         if not batch.rows:
             self._batches.remove(batch)
 
@@ -433,15 +485,37 @@ class HfEngine:
         for sequence in sequences:
             sequence.finished |= sequence.aborted
         live = [sequence for sequence in sequences if not sequence.finished]
-        lengths = [len(sequence.request.prompt_token_ids) for sequence in live]
+        for sequence in live:
+            self._check_contrast(sequence)
+        plain = [sequence for sequence in live if sequence.shadow is None]
+        lengths = [len(sequence.request.prompt_token_ids) for sequence in plain]
+        groups = [[plain[i] for i in group] for group in prefill_groups(lengths, PREFILL_BATCH_TOKENS, self._window)]
+        # A request with a contrast is prefilled with its shadow: both rows have their first logits in one forward.
+        groups += [[sequence, sequence.shadow] for sequence in live if sequence.shadow is not None]
         batches = []
-        for group in prefill_groups(lengths, PREFILL_BATCH_TOKENS, self._window):
-            rows = [live[index] for index in group]
+        for rows in groups:
             try:
                 batches.append(self._prefill(rows))
             except Exception as error:  # a torch error must end these requests, not the worker
                 self._fail_all(rows, error, "inference.hf.step_failed")
         return batches
+
+    def _check_contrast(self, sequence: _Sequence) -> None:
+        """A request and its shadow share one batch, so both must fit the model's sliding window (a row past it
+        decodes alone): a prompt already past it decodes without the contrast."""
+        if sequence.shadow is None:
+            return
+        length = max(len(sequence.request.prompt_token_ids), len(sequence.shadow.request.prompt_token_ids))
+        if length > self._window:
+            self._end_contrast(sequence, f"the prompt ({length} tokens) is past the sliding window ({self._window})")
+
+    def _end_contrast(self, sequence: _Sequence, why: str) -> None:
+        """The request goes on with plain decoding; its shadow row is dropped with the next ``keep``."""
+        assert sequence.shadow is not None
+        log_event(log, "inference.hf.contrast_ended", level=logging.WARNING, request_id=sequence.request.request_id,
+                  why=why)  # fmt: skip
+        sequence.shadow.finished = True
+        sequence.shadow = None
 
     def _token_or_fail(self, sequence: _Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
         try:
@@ -477,10 +551,7 @@ class HfEngine:
         else:
             inputs = prefill_inputs(prompts, self._pad_id, self._device)
         outputs = self._model(**inputs, past_key_values=cache, use_cache=True, **self._forward_kwargs)
-        logits = outputs.logits[:, -1].float()
-        best = logits.argmax(dim=-1).tolist()
-        for index, row in enumerate(rows):
-            self._token_or_fail(row, logits[index], best[index])
+        self._take_tokens(rows, outputs.logits[:, -1])
         if len(rows) == 1:
             return DecodeBatch.of_one(rows[0], cache, len(prompts[0]))
         return DecodeBatch.of_prefill(rows, cache, inputs["attention_mask"])
@@ -626,7 +697,8 @@ class HfEngine:
 
     def _fail(self, sequence: _Sequence, error: BaseException) -> None:
         sequence.finished = True
-        self._emit(sequence, error)
+        if sequence.shadow_of is None:  # a shadow has nobody to tell: its request fails or goes on without it
+            self._emit(sequence, error)
 
     # ---------------------------------------------------------------------------------------------- model
 
