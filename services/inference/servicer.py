@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -197,27 +198,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 def generate_call(request: pb.GenerateRequest, max_wait_s: float | None) -> GenerateCall:
-    which = request.WhichOneof("input")
     return GenerateCall(
         request_id=request.request_id,
-        prompt=request.prompt if which == "prompt" else None,
-        chat=chat_prompt(request.chat) if which == "chat" else None,
-        token_ids=tuple(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        **input_fields(request),
         sampling=sampling_input(request.sampling),
         adapter_name=request.adapter_name,
         max_wait_s=max_wait_s,
-        contrast=contrast_input(request.contrast) if request.HasField("contrast") else None,
+        contrast=ContrastInput(request.contrast.weight, **input_fields(request.contrast))
+        if request.HasField("contrast")
+        else None,
     )
 
 
-def contrast_input(contrast: pb.GenerateContrast) -> ContrastInput:
-    which = contrast.WhichOneof("input")
-    return ContrastInput(
-        weight=contrast.weight,
-        prompt=contrast.prompt if which == "prompt" else None,
-        chat=chat_prompt(contrast.chat) if which == "chat" else None,
-        token_ids=tuple(contrast.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
-    )
+def input_fields(message: pb.GenerateRequest | pb.GenerateContrast) -> dict[str, Any]:
+    """The one input a request or its contrast sets (the ``input`` oneof both have) as GenerateCall's fields."""
+    which = message.WhichOneof("input")
+    return {
+        "prompt": message.prompt if which == "prompt" else None,
+        "chat": chat_prompt(message.chat) if which == "chat" else None,
+        "token_ids": tuple(message.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+    }
 
 
 def sampling_input(sampling: pb.SamplingParams) -> SamplingInput:
