@@ -56,8 +56,9 @@ def test_answers_use_the_facts_with_rag_and_cite_the_gold_document(
     dataset = slice_of_xquad(tmp_path / "xquad-slice")
     with real_model_stack(embedder_service, smollm2, tmp_path / "stack") as stack:
         env = {"BATON_GATEWAY_ADMIN_KEY": stack.gateway.admin_key}
-        ran = baton("eval", "answers", "--beir", str(dataset), "--max-questions", "10", "--json",
-                    "--gateway", stack.gateway.url, env=env)  # fmt: skip
+        # Four chats at a time, batched by the engine: this test was one of the suite's longest serially.
+        ran = baton("eval", "answers", "--beir", str(dataset), "--max-questions", "10", "--concurrency", "4",
+                    "--json", "--gateway", stack.gateway.url, env=env)  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads(ran.stdout)
     rag, off = result["modes"]["rag"], result["modes"]["no-rag"]

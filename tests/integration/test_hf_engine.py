@@ -99,20 +99,20 @@ def corpus_ids(model_path: Path) -> list[int]:
 
 async def test_a_contrast_ends_where_a_sliding_window_would_part_the_pair(gemma3: Path) -> None:
     """Gemma 3's sliding layers keep 512 positions and a row past them decodes alone, so a request and its shadow
-    cannot stay in one batch there: the contrast applies up to the window, then the answer goes on plainly (it
-    finishes, and its first tokens are the contrastive ones); a prompt already past the window decodes plainly."""
+    cannot stay in one batch there: the contrast applies up to the window, then the answer goes on plainly (all 14
+    tokens come, the first 10 are the contrastive ones); a prompt already past the window decodes plainly."""
     every = corpus_ids(gemma3)
     ids = every[:500]  # 500 tokens: the window (510) is reached after 10 generated ones
     contrast_ids = ids[:1] + ids[-8:]
     async with started(HfEngine(make_config(gemma3, max_model_len=1024))) as engine:
-        contrasted = await run(engine, ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=20, ignore_eos=True)
-        plain = await run(engine, ids, max_tokens=20, ignore_eos=True)
-        assert len(contrasted.token_ids) == 20 and contrasted.finish_reason == "length"
+        contrasted = await run(engine, ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=14, ignore_eos=True)
+        plain = await run(engine, ids, max_tokens=10, ignore_eos=True)
+        assert len(contrasted.token_ids) == 14 and contrasted.finish_reason == "length"
         first = contrastive_reference(gemma3, ids, contrast_ids, 2.0, steps=10)
         assert contrasted.token_ids[:10] == first != plain.token_ids[:10]
         long_ids = every[:600]
-        alone = await run(engine, long_ids, max_tokens=5, ignore_eos=True)
-        with_contrast = await run(engine, long_ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=5, ignore_eos=True)
+        alone = await run(engine, long_ids, max_tokens=3, ignore_eos=True)
+        with_contrast = await run(engine, long_ids, contrast=Contrast(contrast_ids, 2.0), max_tokens=3, ignore_eos=True)
         assert with_contrast.token_ids == alone.token_ids
 
 
