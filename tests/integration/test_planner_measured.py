@@ -105,7 +105,7 @@ def test_training_peak_memory_matches_the_plan(
 def _probe(model: Path, method: str, seq_len: int, micro_batch: int, checkpointing: bool) -> dict[str, float]:
     command = [
         sys.executable, "-m", "services.trainer.memory_probe", "--model", str(model), "--method", method,
-        "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--steps", "3", "--threads", "2",
+        "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--steps", "2", "--threads", "2",
     ]  # fmt: skip
     if not checkpointing:
         command.append("--no-gradient-checkpointing")
