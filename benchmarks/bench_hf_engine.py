@@ -75,7 +75,9 @@ async def run(args: argparse.Namespace, folder: Path) -> list[dict[str, float]]:
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    ids = chat_prompt_ids(tokenizer, CHAT_PROMPTS[0])
+    # A base model without a chat template (Gemma 3 270M) gets the prompt as plain text.
+    prompt = CHAT_PROMPTS[0]
+    ids = chat_prompt_ids(tokenizer, prompt) if tokenizer.chat_template else tokenizer(prompt).input_ids
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     config = EngineConfig(
         model_path=folder, device="cpu", dtype="float32", max_model_len=len(ids) + args.max_tokens + 8,
