@@ -99,6 +99,7 @@ bench: setup $(STAMPS)/models-prepared  ## benchmarks, printed as tables of rati
 	$(PY) benchmarks/bench_inference.py --engines hf --model smollm2-135m-instruct --repeat 2 --rounds 2 --max-tokens 32
 	$(PY) benchmarks/bench_hf_engine.py
 	$(PY) benchmarks/bench_hf_engine.py --model smollm2-135m-instruct --repeat 2 --max-tokens 32
+	$(PY) benchmarks/bench_output_layer.py
 	$(PY) benchmarks/bench_gateway.py --chunks 100000
 	$(PY) benchmarks/bench_gateway.py --chunks 100000 --embedder all-minilm-l6-v2
 	$(PY) benchmarks/bench_train.py
