@@ -7,7 +7,7 @@ weight transposed, on the right) runs ~2x slower on this project's CPUs than the
 the left (``(weight @ hidden.T).T``): MKL's kernel for a handful of rows against a transposed operand copies and
 re-packs the whole weight, where the weight-first product streams it once (measured in docs/inference.md). One row
 alone is a matrix-vector product either way and keeps nn.Linear's path, so a lone request computes exactly what
-``generate()`` does. A small output layer (SmolLM2's 113 MB) gained nothing measurable: only one of at least
+``generate()`` does. A small output layer (SmolLM2's 108 MiB) gained little (1.03-1.11x): only one of at least
 MIN_WEIGHT_FIRST_BYTES is swapped.
 """
 
@@ -19,8 +19,8 @@ import torch
 
 # Up to this many rows the weight-first product wins on a CPU; beyond, nn.Linear's GEMM amortises its packing.
 MAX_WEIGHT_FIRST_ROWS = 64
-# Below this the weight stays in the CPU's caches long enough for nn.Linear's packing not to matter (SmolLM2's 113 MB
-# head: 0.70-1.23x, noise; Gemma 3's 671 MB: 1.5-1.9x per decode step).
+# Below this the gain was too small to matter (benchmarks/bench_output_layer.py, a decode step of 2 and 8 rows:
+# SmolLM2's 108 MiB head 1.03-1.11x; Gemma 3's 640 MiB head 1.4-1.9x).
 MIN_WEIGHT_FIRST_BYTES = 256 << 20
 
 
