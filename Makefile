@@ -65,11 +65,14 @@ fmt: setup  ## format the code
 # The suite in two parts: everything but the solo tests in parallel workers (pytest-xdist, a test file per worker
 # at a time: on two cores one worker left a core idle ~45 % of the time, waiting on the processes its tests start),
 # then the solo tests alone — the demo's ten minutes are for a machine that runs nothing else. Both parts always
-# run; make fails if either did.
+# run; make fails if either did. Each worker, and every process its tests start, gets TEST_THREADS OpenMP/torch
+# threads (OMP_NUM_THREADS): two workers of one thread fill two cores, where two threads each oversubscribed them —
+# the same tree, one session: the first part 1,665 s with two threads, 1,513 s with one (docs/tests.md).
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: test-deps  ## the whole test suite (unit + integration with real processes), as CI runs it
 	status=0; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not eval and not solo' || status=$$?; \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not eval and not solo' || status=$$?; \
 	$(PY) -m pytest -q -m solo || status=$$?; \
 	exit $$status
 

@@ -24,6 +24,9 @@ pytest_plugins = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # In CI a test that needs a missing component must fail, never skip (DESIGN.md, working rules).
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+# OpenMP/torch threads for the services the tests start: `make test` sets OMP_NUM_THREADS=1 (TEST_THREADS), one
+# thread per worker on two cores; a bare `pytest` (one process) lets them use two.
+SERVICE_THREADS = os.environ.get("OMP_NUM_THREADS", "2")
 
 # `make test` runs the suite in parallel workers (pytest-xdist: gw0, gw1, ...). Each gets its own range of ports,
 # below the kernel's ephemeral range, for free_port to pick from — it and every process it starts, since the range
