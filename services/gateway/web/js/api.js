@@ -3,11 +3,26 @@ import { t } from "./i18n.js";
 
 const KEY = "baton.key";
 
+// Signing out aborts every request still under way with the key, so none of them lands after (or sends a second
+// request without the key and gets a 401): a page left mid-refresh stops there.
+let signedIn = new AbortController();
+
 export const session = {
   get key() { return sessionStorage.getItem(KEY); },
   set key(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); },
   me: null,
+  end() {
+    signedIn.abort(new DOMException("signed out", "AbortError"));
+    signedIn = new AbortController();
+    this.key = null;
+    this.me = null;
+  },
 };
+
+// A request cut off by signing out is not an error, wherever its promise ends up.
+window.addEventListener("unhandledrejection", (event) => {
+  if (event.reason?.name === "AbortError") event.preventDefault();
+});
 
 export class ApiError extends Error {
   constructor(status, body) {
@@ -27,6 +42,10 @@ function plainWords(status, body) {
 }
 
 export async function request(method, path, { json, form, signal, key, headers: extra = {} } = {}) {
+  if (key === undefined) {  // the session's key: the request ends with the session
+    if (!session.key) throw new DOMException("signed out", "AbortError");
+    signal = signal ? AbortSignal.any([signal, signedIn.signal]) : signedIn.signal;
+  }
   const headers = { ...extra, Authorization: `Bearer ${key ?? session.key}` };
   let body;
   if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
@@ -109,7 +128,7 @@ export function every(period_ms, fn) {
   let timer = null, stopped = false;
   const tick = async () => {
     if (stopped) return;
-    try { await fn(); } catch (error) { if (error.status !== 401) console.warn(error.message); }
+    try { await fn(); } catch (error) { if (error.status !== 401 && error.name !== "AbortError") console.warn(error.message); }
     if (!stopped) timer = setTimeout(tick, period_ms);
   };
   tick();

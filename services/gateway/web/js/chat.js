@@ -9,7 +9,7 @@ let active = null; // the conversation shown
 let controller = null; // the answer being streamed, to stop it
 
 const storageKey = () => `baton.chats.${session.me?.tenant}`;
-const save = () => localStorage.setItem(storageKey(), JSON.stringify(conversations.slice(0, 50)));
+const save = (key = storageKey()) => localStorage.setItem(key, JSON.stringify(conversations.slice(0, 50)));
 
 export function setup() {
   $("#chat-form").addEventListener("submit", (event) => { event.preventDefault(); send(); });
@@ -37,7 +37,7 @@ export async function enter() {
     select.replaceChildren(...models.data.map((m) => el("option", { value: m.id }, m.baton?.kind === "adapter" ? `${m.id} (v${m.baton.version})` : m.id)));
     if (models.data.some((m) => m.id === chosen)) select.value = chosen;
   } catch (error) {
-    $("#chat-error").textContent = error.message;
+    if (error.name !== "AbortError") $("#chat-error").textContent = error.message;
   }
 }
 
@@ -110,6 +110,7 @@ async function send() {
   active.title ||= question.slice(0, 60);
   const answer = { role: "assistant", content: "", citations: [] };
   active.messages.push(answer);
+  const tenantKey = storageKey(); // signing out mid-answer stops it; it is still saved to this tenant's chats
   render();
   const node = $("#chat-log").lastElementChild;
   const text = node.querySelector(".text");
@@ -136,7 +137,7 @@ async function send() {
   } finally {
     controller = null;
     setBusy(false);
-    save();
+    save(tenantKey);
     render();
   }
 }

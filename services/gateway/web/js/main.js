@@ -43,8 +43,7 @@ async function signIn(key) {
 
 function signOut() {
   PAGES[current]?.leave?.();
-  session.key = null;
-  session.me = null;
+  session.end();
   current = null;
   $("#whoami").textContent = "";
   $("#nav").hidden = true;

@@ -19,7 +19,7 @@ export function leave() {}
 
 async function guard(fn) {
   $("#user-error").textContent = "";
-  try { await fn(); } catch (error) { $("#user-error").textContent = error.message; }
+  try { await fn(); } catch (error) { if (error.name !== "AbortError") $("#user-error").textContent = error.message; }
 }
 
 async function issue(name) {
