@@ -18,7 +18,10 @@ export CI ?=
 # Component recipes (the Weaviate server, Prometheus, deploy/ checks) live in mk/*.mk; they add to TEST_DEPS.
 TEST_DEPS :=
 -include mk/*.mk
-export PYTHONDONTWRITEBYTECODE := 1
+# Python caches compiled modules (__pycache__, git-ignored), even where the shell says not to: each test worker
+# collects every test module, and every service the tests start imports baton's own; from source each time, a
+# worker's collection took 30.7 s instead of 23.5 s (docs/tests.md).
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: help setup proto test unit integration demo bench eval lint fmt clean
 
@@ -67,12 +70,14 @@ fmt: setup  ## format the code
 # then the solo tests alone — the demo's ten minutes are for a machine that runs nothing else. Both parts always
 # run; make fails if either did. Each worker, and every process its tests start, gets TEST_THREADS OpenMP/torch
 # threads (OMP_NUM_THREADS): two workers of one thread fill two cores, where two threads each oversubscribed them —
-# the same tree, one session: the first part 1,665 s with two threads, 1,513 s with one (docs/tests.md).
+# the same tree, one session: the first part 1,665 s with two threads, 1,513 s with one (docs/tests.md). The workers
+# take the files longest first (tests/durations.json, ordered in tests/conftest.py; --no-loadscope-reorder keeps
+# that order where xdist would put the files with the most tests first, and its one-test files of minutes last).
 TEST_WORKERS ?= 2
 TEST_THREADS ?= 1
 test: test-deps  ## the whole test suite (unit + integration with real processes), as CI runs it
 	status=0; \
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not eval and not solo' || status=$$?; \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m 'not eval and not solo' || status=$$?; \
 	$(PY) -m pytest -q -m solo || status=$$?; \
 	exit $$status
 

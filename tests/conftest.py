@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from baton.runtime.process import PORT_RANGE_ENV, ServiceProcess, free_port
+from tests import durations
 
 pytest_plugins = [
     "tests.fixtures.embedder",
@@ -42,6 +44,16 @@ def _worker_port_range(worker: str) -> str:
 
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ[PORT_RANGE_ENV] = _worker_port_range(worker)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering for fixtures, which a stable sort keeps within a file
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest test files first. `make test`'s workers take the files in this order (`--dist loadfile
+    --no-loadscope-reorder`), each the next one as it frees up, so neither is left running a long file alone at the
+    end: xdist's own order (the most tests first) left the single-test files of a minute or two to the end and one
+    worker idle for ~3 minutes. A file not in tests/durations.json goes first, as if it were the longest."""
+    seconds = durations.load()
+    items.sort(key=lambda item: -seconds.get(item.nodeid.partition("::")[0], math.inf))
 
 
 @dataclass

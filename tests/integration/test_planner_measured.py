@@ -27,6 +27,7 @@ from baton.planner.catalog import embedding_model
 from baton.planner.models import ModelArch
 from baton.planner.rag import RagJob, chunk_count, rag_disk, store_index_bytes
 from baton.planner.training import TrainingJob, training_memory
+from tests.conftest import SERVICE_THREADS
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("BATON_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -105,7 +106,7 @@ def test_training_peak_memory_matches_the_plan(
 def _probe(model: Path, method: str, seq_len: int, micro_batch: int, checkpointing: bool) -> dict[str, float]:
     command = [
         sys.executable, "-m", "services.trainer.memory_probe", "--model", str(model), "--method", method,
-        "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--steps", "2", "--threads", "2",
+        "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--steps", "2", "--threads", SERVICE_THREADS,
     ]  # fmt: skip
     if not checkpointing:
         command.append("--no-gradient-checkpointing")

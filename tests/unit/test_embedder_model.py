@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,36 +72,45 @@ def test_embed_token_ids_returns_pooled_unnormalised_vectors(torch_model: Embedd
     assert cosines(pooled[:1], alone).min() >= 0.9999  # padding next to a longer input changes nothing
 
 
-def test_the_onnx_backend_matches_torch_and_reuses_its_export(
-    torch_model: EmbeddingModel, tmp_path: Path, reference: np.ndarray
-) -> None:
-    cache = tmp_path / "onnx"
-    onnx_model = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
-    assert onnx_model.card.backend == "onnxruntime"
-    assert cosines(onnx_model.embed(TEXTS), torch_model.embed(TEXTS)).min() >= 0.999
-    assert cosines(onnx_model.embed(TEXTS), reference).min() >= 0.999
-
-    (export,) = cache.iterdir()
-    stamp = (export / "model.onnx").stat().st_mtime_ns
-    again = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
-    assert (export / "model.onnx").stat().st_mtime_ns == stamp  # loaded from the cache, not exported again
-    assert again.card == onnx_model.card
-
-
-def test_the_export_runs_in_a_child_process_so_the_service_never_holds_torch(tmp_path: Path) -> None:
-    """A first start exports the model: torch, the weights and the exporter's copies (gigabytes for e5) must leave
-    with a child process, not stay in the heap of the service that serves afterwards."""
+@pytest.fixture(scope="module")
+def first_start(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A service's first start in a process of its own: it finds no export, makes one, and reports its backend
+    and whether torch is in its heap. (The cache folder, stdout's words.) One export for the tests below."""
+    cache = tmp_path_factory.mktemp("onnx")
     script = (
         "import sys; from pathlib import Path; from services.embedder.backends import load_model; "
         "from services.embedder.model import LoadOptions; "
         f"model = load_model(LoadOptions(Path({str(MODEL_DIR)!r}), backend='onnx', device='cpu', "
-        f"onnx_cache_dir=Path({str(tmp_path)!r}))); "
+        f"onnx_cache_dir=Path({str(cache)!r}))); "
         "print(model.card.backend, 'torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["onnxruntime", "False"]
-    assert len(list(tmp_path.iterdir())) == 1  # the export is in the cache
+    return cache, result.stdout.split()
+
+
+def test_the_export_runs_in_a_child_process_so_the_service_never_holds_torch(
+    first_start: tuple[Path, list[str]],
+) -> None:
+    """A first start exports the model: torch, the weights and the exporter's copies (gigabytes for e5) must leave
+    with a child process, not stay in the heap of the service that serves afterwards."""
+    cache, words = first_start
+    assert words == ["onnxruntime", "False"]
+    assert len(list(cache.iterdir())) == 1  # the export is in the cache
+
+
+def test_the_onnx_backend_matches_torch_and_reuses_its_export(
+    first_start: tuple[Path, list[str]], torch_model: EmbeddingModel, tmp_path: Path, reference: np.ndarray
+) -> None:
+    cache = tmp_path / "onnx"
+    shutil.copytree(first_start[0], cache)
+    (export,) = cache.iterdir()
+    stamp = (export / "model.onnx").stat().st_mtime_ns
+    onnx_model = load_model(LoadOptions(MODEL_DIR, backend="onnx", device="cpu", onnx_cache_dir=cache))
+    assert (export / "model.onnx").stat().st_mtime_ns == stamp  # loaded from the cache, not exported again
+    assert onnx_model.card.backend == "onnxruntime"
+    assert cosines(onnx_model.embed(TEXTS), torch_model.embed(TEXTS)).min() >= 0.999
+    assert cosines(onnx_model.embed(TEXTS), reference).min() >= 0.999
 
 
 def test_prepare_exports_once_so_that_the_first_start_loads_from_the_cache(tmp_path: Path) -> None:
