@@ -189,13 +189,15 @@ DEMO_QUESTION = "Как звали барометр, который висел �
 DEMO_SOURCE = "05-барометр-старик.md"
 # Chosen by measurement on two CPU cores (docs/demo.md, "The demo's numbers"): two passes over the 27 training documents
 # (7 held out) in 256-token sequences, 1,024 tokens a step, within the demo's 10 minutes; plain LoRA (QLoRA's 4-bit
-# kernels are for the GPU, where they save the memory they are for). Trained at 1e-3 and saved at strength 0.5
-# (half the update, toward the base): as much held-out gain as any full-strength run, without the forgetting. The
-# 7 held-out documents are scored by the views stage (stage 7), not by the trainer as well ("evaluate": False: two
-# passes over them, ~40 s of the demo's ten minutes on two cores).
+# kernels are for the GPU, where they save the memory they are for). Trained at 2e-3 and saved at strength 0.5 (half
+# the update, toward the base) on the top half of the layers only (the 9 below are the base model's again): the
+# lower layers' update carried most of the forgetting and little of the author's stance — on every layer the same
+# training reaches control +9.3 %, on the top half +1.3 % with the same stance. The 7 held-out documents are scored
+# by the views stage (stage 7), not by the trainer as well ("evaluate": False: two passes over them, ~40 s of the
+# demo's ten minutes on two cores).
 DEMO_TRAINING: dict[str, object] = {
-    "epochs": 2, "seq_len": 256, "grad_accumulation_steps": 4, "rank": 16, "learning_rate": 1e-3,
-    "strength": 0.5, "eval_fraction": 0.2, "seed": 0, "evaluate": False,
+    "epochs": 2, "seq_len": 256, "grad_accumulation_steps": 4, "rank": 16, "learning_rate": 2e-3,
+    "strength": 0.5, "top_layers": 0.5, "eval_fraction": 0.2, "seed": 0, "evaluate": False,
 }  # fmt: skip
 # The random tiny model learns in a few steps what a real one needs epochs for.
 TINY_TRAINING: dict[str, object] = {"max_steps": 16, "seq_len": 256, "grad_accumulation_steps": 2, "rank": 8,

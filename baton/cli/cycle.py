@@ -36,7 +36,7 @@ DEFAULT_QUESTION = "What does the author of these texts believe most strongly?"
 # The hyperparameters a cycle may set; None = the trainer's default.
 TRAIN_OPTIONS = (
     "max_steps", "epochs", "seq_len", "grad_accumulation_steps", "rank", "learning_rate", "quantization", "seed",
-    "eval_fraction", "strength", "evaluate",
+    "eval_fraction", "strength", "top_layers", "evaluate",
 )  # fmt: skip
 
 
@@ -338,6 +338,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--strength", type=float, help="share of the trained update the adapter keeps (default 1)")
+    parser.add_argument(
+        "--top-layers", dest="top_layers", type=float,
+        help="share of the layers, from the top, whose update the adapter keeps (default 1; below: the base model)",
+    )  # fmt: skip
     parser.add_argument("--quant", dest="quantization", choices=["nf4", "none"], help="nf4 = QLoRA (default)")
     parser.add_argument("--seed", type=int, help="training seed")
     parser.add_argument("--eval-fraction", dest="eval_fraction", type=float, help="share of documents held out")

@@ -92,6 +92,8 @@ def build_spec(args: argparse.Namespace, dataset: Path) -> Any:
         lora.rank = args.rank
     if args.strength is not None:
         lora.strength = args.strength
+    if args.top_layers is not None:
+        lora.top_layers = args.top_layers
     method = {"nf4": pb.TRAINER_QUANT_METHOD_NF4, "none": pb.TRAINER_QUANT_METHOD_NONE}[args.quant]
     spec = pb.TrainerJobSpec(
         name=args.name,
@@ -275,6 +277,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--strength",
         type=float,
         help="share of the trained update the adapter keeps, (0, 1] (default 1); 0.5 forgets less general text",
+    )
+    parser.add_argument(
+        "--top-layers",
+        type=float,
+        help="share of the model's layers, from the top, whose update the adapter keeps, (0, 1] (default 1); "
+        "the layers below return to the base model",
     )
     parser.add_argument(
         "--target", action="append", help="a LoRA target module (repeat; default: q,k,v,o,gate,up,down)"

@@ -53,6 +53,13 @@ class TrainingJobBody(BaseModel):
         description="Share of the trained update the saved adapter keeps (default 1): below 1 interpolates toward "
         "the base model, which forgets less general text.",
     )
+    top_layers: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of the model's layers, from the top, whose trained update the saved adapter keeps "
+        "(default 1): the layers below return to the base model.",
+    )
     quantization: Literal["nf4", "none"] | None = Field(None, description="nf4 = QLoRA (default), none = plain LoRA.")
     max_steps: int | None = Field(None, ge=1, le=_U32, description="Stop after this many optimizer steps.")
     epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the training split (default 1).")
@@ -234,6 +241,8 @@ def _lora(body: TrainingJobBody) -> pb.TrainerLoraSettings:
         lora.alpha = body.alpha
     if body.strength is not None:
         lora.strength = body.strength
+    if body.top_layers is not None:
+        lora.top_layers = body.top_layers
     return lora
 
 

@@ -4,6 +4,7 @@ toward the base, and the optimizer."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +218,7 @@ def wrap_with_lora(model: torch.nn.Module, spec: JobSpec, plan: LoraPlan) -> Any
     return peft_model
 
 
-def interpolate_toward_base(model: torch.nn.Module, strength: float) -> int:
+def interpolate_toward_base(model: torch.nn.Module, strength: float, top_layers: float = 1.0) -> int:
     """Scale every LoRA B matrix by ``strength``: the adapter's update B·A becomes strength × the trained one.
 
     That is a weight-space interpolation between the base model (0) and the trained adapter (1), as WiSE-FT does
@@ -225,14 +226,37 @@ def interpolate_toward_base(model: torch.nn.Module, strength: float) -> int:
     back keeps most of what it learned and forgets less of everything else (measured on the bundled corpus: see
     docs/demo.md, "The demo's numbers"). Scaling B rather than lora_alpha keeps adapter_config.json as trained and
     serves the same in every engine. Returns how many matrices were scaled.
+
+    ``top_layers`` below 1 keeps the update of that share of the decoder's layers, counted from the top, and sets
+    the B matrices of the layers beneath to zero: those layers are the base model's again. (Measured there too: the
+    lower half's update carried most of the forgetting and little of the author's stance.) A LoRA module outside
+    the numbered layers keeps ``strength``.
     """
+    first_kept = first_kept_layer(model, top_layers)
     scaled = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
-                param.mul_(strength)
+                layer = layer_index(name)
+                param.mul_(0.0 if layer is not None and layer < first_kept else strength)
                 scaled += 1
     return scaled
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(parameter_name: str) -> int | None:
+    """The decoder layer a parameter belongs to ("...model.layers.7.self_attn.q_proj.lora_B..." -> 7), if any."""
+    match = _LAYER.search(parameter_name)
+    return int(match.group(1)) if match else None
+
+
+def first_kept_layer(model: torch.nn.Module, top_layers: float) -> int:
+    """The lowest layer whose update ``top_layers`` keeps: 18 layers and 0.5 keep 9-17; 1 keeps them all."""
+    layers = {index for name, _ in model.named_parameters() if (index := layer_index(name)) is not None}
+    count = max(layers) + 1 if layers else 0
+    return count - max(1, round(count * top_layers)) if count else 0
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], hyper: HyperSpec, device: str) -> Any:

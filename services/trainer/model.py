@@ -68,6 +68,7 @@ class LoraSettings:
     train_router: bool = False
     use_rslora: bool = False
     strength: float | None = None  # share of the trained update the saved adapter keeps, (0, 1]
+    top_layers: float | None = None  # share of the layers, from the top, whose update it keeps, (0, 1]
 
 
 @dataclass

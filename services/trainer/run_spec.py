@@ -28,6 +28,7 @@ class LoraSpec:
     train_router: bool = False
     use_rslora: bool = False
     strength: float = 1.0  # the share of the trained update the saved adapter keeps (see interpolate_toward_base)
+    top_layers: float = 1.0  # the share of the layers, from the top, whose update it keeps; the rest return to base
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,7 @@ def spec_from_proto(spec: pb.TrainerJobSpec) -> JobSpec:
             train_router=lora.train_router,
             use_rslora=lora.use_rslora,
             strength=_float32(_opt(lora, "strength")),
+            top_layers=_float32(_opt(lora, "top_layers")),
         ),
         quantization=QuantSettings(
             method=_enum(QUANT_METHODS, quant.method, "quantization.method"),

@@ -175,12 +175,15 @@ class TrainingRun:
         )
 
     def _interpolate_toward_base(self) -> None:
-        """Keep ``strength`` of the trained update, once, after the last step (the final evaluation scores it)."""
-        if self._interpolated or self.spec.lora.strength == 1.0:
+        """Keep ``strength`` of the trained update of the top ``top_layers``, once, after the last step (the final
+        evaluation scores it)."""
+        lora = self.spec.lora
+        if self._interpolated or (lora.strength == 1.0 and lora.top_layers == 1.0):
             return
-        scaled = interpolate_toward_base(self.model, self.spec.lora.strength)
+        scaled = interpolate_toward_base(self.model, lora.strength, lora.top_layers)
         self._interpolated = True
-        self._log(f"adapter strength {self.spec.lora.strength:g}: {scaled} LoRA B matrices scaled toward the base")
+        kept = "" if lora.top_layers == 1.0 else f" (the top {lora.top_layers:g} of the layers; those below: 0)"
+        self._log(f"adapter strength {lora.strength:g}{kept}: {scaled} LoRA B matrices scaled toward the base")
 
     @property
     def _evaluates(self) -> bool:

@@ -126,6 +126,8 @@ def _resolve_lora(lora: LoraSettings, facts: BaseModelFacts) -> None:
         raise InvalidArgument(f"lora.alpha must be positive, got {lora.alpha}", reason="OUT_OF_RANGE")
     lora.dropout = _in_range("lora.dropout", 0.05 if lora.dropout is None else lora.dropout, 0.0, 1.0, open_high=True)
     lora.strength = _in_range("lora.strength", 1.0 if lora.strength is None else lora.strength, 0.0, 1.0, open_low=True)
+    top = 1.0 if lora.top_layers is None else lora.top_layers
+    lora.top_layers = _in_range("lora.top_layers", top, 0.0, 1.0, open_low=True)
     unknown = [t for t in lora.target_modules if t != "all-linear" and not facts.matching(t)]
     if unknown:
         names = facts.linear_names

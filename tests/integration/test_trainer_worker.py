@@ -290,13 +290,17 @@ def perplexities(model: Path, adapter: Path, texts: list[str]) -> list[tuple[flo
 def test_strength_keeps_that_share_of_the_update_and_the_final_eval_scores_it(
     workdir: Path, reference: Job, tmp_path: Path
 ) -> None:
-    """The reference job again from its final checkpoint, with strength 0.5: only the export changes."""
+    """The reference job again from its final checkpoint, with strength 0.5 on the top half of the layers: only the
+    export changes — the upper layers' B matrices halved, the lower ones' zero (those layers are the base's)."""
     from safetensors.torch import load_file
+
+    from services.trainer.lora import layer_index
 
     folder = tmp_path / "half"
     shutil.copytree(reference.folder, folder, ignore=shutil.ignore_patterns("output", "events.jsonl", "*.log"))
     spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
     spec["lora"]["strength"] = 0.5
+    spec["lora"]["top_layers"] = 0.5
     (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
     job = Job.__new__(Job)
     job.folder, job.process = folder, None
@@ -305,16 +309,21 @@ def test_strength_keeps_that_share_of_the_update_and_the_final_eval_scores_it(
     trained = load_file(reference.folder / "output" / "adapter_model.safetensors")
     halved = load_file(folder / "output" / "adapter_model.safetensors")
     assert trained.keys() == halved.keys() and any("lora_B" in name for name in trained)
+    layers = {layer_index(name) for name in trained} - {None}
+    assert len(layers) >= 2, layers
+    first_kept = max(layers) + 1 - round((max(layers) + 1) * 0.5)
     for name, tensor in trained.items():
-        expected = tensor * 0.5 if "lora_B" in name else tensor
-        assert torch.allclose(halved[name], expected, rtol=0, atol=1e-7), name
+        factor = (0.0 if layer_index(name) < first_kept else 0.5) if "lora_B" in name else 1.0
+        assert torch.allclose(halved[name], tensor * factor, rtol=0, atol=1e-7), name
     metadata = json.loads((folder / "output" / "baton-adapter.json").read_text(encoding="utf-8"))
     reference_metadata = json.loads((reference.folder / "output" / "baton-adapter.json").read_text(encoding="utf-8"))
     assert metadata["lora"]["strength"] == 0.5 and reference_metadata["lora"]["strength"] == 1.0
+    assert metadata["lora"]["top_layers"] == 0.5 and reference_metadata["lora"]["top_layers"] == 1.0
     before, after = metadata["eval_perplexity_before"], metadata["eval_perplexity_after"]
     assert before == reference_metadata["eval_perplexity_before"]
     assert reference_metadata["eval_perplexity_after"] < after < before, "half the update: between base and adapter"
-    assert any("adapter strength 0.5" in e.get("message", "") for e in job.events() if e["type"] == "log")
+    logs = [e.get("message", "") for e in job.events() if e["type"] == "log"]
+    assert any("adapter strength 0.5 (the top 0.5 of the layers; those below: 0)" in line for line in logs), logs
 
 
 def test_evaluate_false_holds_the_split_out_scores_nothing_and_trains_the_same_adapter(

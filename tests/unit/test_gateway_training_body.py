@@ -3,7 +3,7 @@ unset on the wire (so that the trainer's default applies)."""
 
 from __future__ import annotations
 
-from services.gateway.training import TrainingJobBody, _hyperparameters
+from services.gateway.training import TrainingJobBody, _hyperparameters, _lora
 
 
 def test_evaluate_false_reaches_the_trainer_and_unset_stays_unset() -> None:
@@ -11,3 +11,10 @@ def test_evaluate_false_reaches_the_trainer_and_unset_stays_unset() -> None:
     assert off.HasField("evaluate") and off.evaluate is False and off.eval_fraction == 0.2
     default = _hyperparameters(TrainingJobBody(name="views"))
     assert not default.HasField("evaluate") and not default.HasField("eval_fraction")
+
+
+def test_strength_and_top_layers_reach_the_trainer_and_unset_stay_unset() -> None:
+    kept = _lora(TrainingJobBody(name="views", strength=0.5, top_layers=0.5))
+    assert kept.HasField("strength") and kept.strength == 0.5 and kept.top_layers == 0.5
+    default = _lora(TrainingJobBody(name="views"))
+    assert not default.HasField("strength") and not default.HasField("top_layers")

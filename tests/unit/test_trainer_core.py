@@ -214,6 +214,7 @@ async def test_submit_fills_every_default_and_estimates_resources(harness: Harne
     assert job.state == JobState.QUEUED and job.job_id.startswith("job-")
     spec = job.spec
     assert (spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.lora.strength) == (16, 32.0, 0.05, 1.0)
+    assert spec.lora.top_layers == 1.0
     assert spec.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # On a CPU: plain LoRA (the tiny base fits in memory many times over), 256-token sequences, 4 micro-batches a step.
     assert (spec.quantization.method, spec.quantization.double_quant, spec.quantization.compute_dtype) == (
@@ -250,6 +251,8 @@ async def test_submit_fills_every_default_and_estimates_resources(harness: Harne
         (lambda h, s: setattr(s.lora, "dropout", 1.0), "OUT_OF_RANGE", "lora.dropout"),
         (lambda h, s: setattr(s.lora, "strength", 0.0), "OUT_OF_RANGE", "lora.strength"),
         (lambda h, s: setattr(s.lora, "strength", 1.5), "OUT_OF_RANGE", "lora.strength"),
+        (lambda h, s: setattr(s.lora, "top_layers", 0.0), "OUT_OF_RANGE", "lora.top_layers"),
+        (lambda h, s: setattr(s.lora, "top_layers", 1.5), "OUT_OF_RANGE", "lora.top_layers"),
         (lambda h, s: setattr(s.hyperparameters, "warmup_ratio", 0.6), "OUT_OF_RANGE", "warmup_ratio"),
         (lambda h, s: setattr(s.hyperparameters, "eval_fraction", 0.9), "OUT_OF_RANGE", "eval_fraction"),
         (lambda h, s: setattr(s.hyperparameters, "optimizer", "lion"), "UNKNOWN_OPTIMIZER", "adamw_torch"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from baton.runtime.errors import InvalidArgument
-from services.trainer.lora import plan_lora
+from services.trainer.lora import first_kept_layer, interpolate_toward_base, layer_index, plan_lora
 from services.trainer.run_spec import HyperSpec, JobSpec, LoraSpec, lr_factor, plan_steps, warmup_steps
 
 
@@ -90,6 +90,32 @@ def moe_model() -> torch.nn.Module:
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
     return Qwen3MoeForCausalLM(config)
+
+
+class _Layered(torch.nn.Module):
+    """Parameters named as peft names them: model.layers.N.<module>.lora_B.default.weight, and one outside."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"q_proj": _lora_pair()}) for _ in range(layers))
+        self.head = _lora_pair()
+
+
+def _lora_pair() -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({name: torch.nn.Linear(2, 2, bias=False) for name in ("lora_A", "lora_B")})
+
+
+def test_top_layers_keep_the_upper_share_and_return_the_rest_to_the_base() -> None:
+    assert layer_index("base_model.model.model.layers.17.mlp.down_proj.lora_B.default.weight") == 17
+    assert layer_index("base_model.model.lm_head.weight") is None
+    model = _Layered(18)
+    assert (first_kept_layer(model, 1.0), first_kept_layer(model, 0.5), first_kept_layer(model, 0.01)) == (0, 9, 17)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert interpolate_toward_base(model, 0.5, top_layers=0.5) == 19  # 18 layers' B and the one outside
+    for name, param in model.named_parameters():
+        layer = layer_index(name)
+        factor = 1.0 if "lora_B" not in name else 0.0 if layer is not None and layer < 9 else 0.5
+        assert torch.equal(param, before[name] * factor), name
 
 
 def test_default_targets_are_the_attention_and_mlp_projections() -> None:
